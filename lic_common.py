@@ -1,0 +1,201 @@
+"""What several scripts of this project must share identically, and nothing else.
+
+- image files: listing a folder, decoding any PNG / JPEG / WebP (grayscale, RGBA and 16-bit
+  included) to a float RGB tensor in [0, 1] of shape (3, H, W), and writing one back as PNG;
+- metrics: PSNR on 8-bit RGB and MS-SSIM on RGB in [0, 1], as CompressAI's ``eval_model``;
+- checkpoints: atomic saving and ``weights_only`` loading;
+- seeding.
+
+Importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pytorch_msssim import ms_ssim as _ms_ssim
+from pytorch_msssim import ssim as _ssim
+
+# ---- Image files ----
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm")
+
+
+class ImageError(ValueError):
+    """An image file that cannot be decoded."""
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """All image files below ``root`` (recursively), sorted by path.
+
+    Raises ``FileNotFoundError`` when ``root`` does not exist and ``ValueError`` when it holds no
+    image, so a wrong ``--data_path`` fails at once rather than after a model is built.
+    """
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found below {root}")
+    return files
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """A PIL image of any common mode as a float RGB tensor (3, H, W) in [0, 1].
+
+    Grayscale is replicated to three channels, alpha is dropped (the codec codes colour only),
+    16-bit images keep their full range (Pillow's own ``convert("RGB")`` would clip them).
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64) / 65535.0
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+    else:
+        if img.mode not in ("RGB", "L"):
+            img = img.convert("RGBA").convert("RGB") if "A" in img.getbands() else img.convert("RGB")
+        arr = np.asarray(img, dtype=np.float64) / 255.0
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).float()
+    return t.clamp_(0.0, 1.0)
+
+
+def load_image(path: str | os.PathLike) -> torch.Tensor:
+    """Decode an image file to a float RGB tensor (3, H, W) in [0, 1]; ``ImageError`` if it can't."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            return pil_to_tensor(img)
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"cannot decode image {path}: {e}") from e
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float image(s) in [0, 1] to 8-bit values, rounded as a PNG writer would."""
+    return x.detach().clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write a float RGB tensor (3, H, W) in [0, 1] as an 8-bit PNG (atomically)."""
+    arr = to_uint8(x).permute(1, 2, 0).cpu().numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(arr, "RGB").save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# ---- Metrics ----
+
+MS_SSIM_MIN_SIDE = 161  # pytorch-msssim's 5 scales with an 11-tap window need sides > 160 px
+
+
+def psnr(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """PSNR in dB on 8-bit RGB (both images rounded to 8 bits first), over a whole batch."""
+    mse = F.mse_loss(to_uint8(x).float(), to_uint8(x_hat).float()).item()
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def ms_ssim(x: torch.Tensor, x_hat: torch.Tensor, size_average: bool = True) -> torch.Tensor:
+    """MS-SSIM on RGB in [0, 1] (differentiable), as CompressAI's ``eval_model`` computes it.
+
+    Images with a side of 160 px or less are too small for MS-SSIM's five scales; for them this
+    returns single-scale SSIM, which is what the five-scale product degenerates towards.
+    """
+    x_hat = x_hat.clamp(0, 1)
+    if min(x.shape[-2:]) >= MS_SSIM_MIN_SIDE:
+        return _ms_ssim(x.float(), x_hat.float(), data_range=1.0, size_average=size_average)
+    return _ssim(x.float(), x_hat.float(), data_range=1.0, size_average=size_average)
+
+
+def bpp_from_likelihoods(likelihoods: dict[str, torch.Tensor], num_pixels: int) -> torch.Tensor:
+    """Estimated bits per pixel, -sum(log2 p) / pixels, from a model's likelihood tensors."""
+    bits = sum(torch.log(p).sum() for p in likelihoods.values())
+    return bits / (-math.log(2) * num_pixels)
+
+
+# ---- Checkpoints ----
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash mid-write
+    never leaves a truncated checkpoint where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or of the wrong kind."""
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; a clear ``CheckpointError`` when it can't."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for a bad file
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a checkpoint of this project (not a dict)")
+    return ckpt
+
+
+# ---- Seeding ----
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device) for a reproducible run."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _numpy_state_to_plain(state: tuple) -> tuple:
+    # NumPy arrays are not among what ``torch.load(weights_only=True)`` accepts; lists are.
+    name, keys, pos, has_gauss, cached = state
+    return (name, keys.tolist(), int(pos), int(has_gauss), float(cached))
+
+
+def rng_state() -> dict:
+    """Every random generator's state, for a checkpoint that resumes exactly."""
+    state = {
+        "python": random.getstate(),
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

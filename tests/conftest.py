@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny models and images made on the fly, so no test downloads anything."""
+
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+TRAIN_DIR = ROOT.parent / "shared" / "data" / "train"
+KODAK_DIR = ROOT.parent / "shared" / "data" / "kodak"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bk_sdm(tmp_path_factory) -> Path:
+    """A diffusers folder shaped like nota-ai/bk-sdm-small (vae/, unet/, scheduler/), tiny and random,
+    with sizes unlike BK-SDM's (3 latent channels, cross-attention width 24) so nothing may assume them."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("tiny-bk-sdm")
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=3,
+        norm_num_groups=8,
+        sample_size=32,
+        scaling_factor=0.5,
+    ).save_pretrained(root / "vae")
+    UNet2DConditionModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24,
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=4,
+    ).save_pretrained(root / "unet")
+    PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    ).save_pretrained(root / "scheduler")
+    return root
+
+
+def write_image(path: Path, size=(40, 56), mode="RGB", seed=0) -> Path:
+    """A smooth random picture (so codecs see structure, not white noise) of the given PIL mode."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    base = rng.random((h // 8 + 2, w // 8 + 2, 3))
+    img = Image.fromarray((base * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    if mode == "I;16":
+        arr = (np.asarray(img.convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+        img = Image.fromarray(arr)  # uint16 -> mode "I;16"
+    elif mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    """A folder of six small training images in nested folders and two formats."""
+    for i in range(6):
+        write_image(tmp_path / "imgs" / f"sub{i % 2}" / f"im{i}.{'png' if i % 3 else 'jpg'}", (72, 80), seed=i)
+    return tmp_path / "imgs"
