@@ -645,24 +645,29 @@ def read_bitstream(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[H
 
 
 @torch.no_grad()
-def encode_image(model: DiffusionHyperprior, x: torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
-    """One image (3, H, W) in [0, 1] -> the bytes of a file."""
+def encode_image(
+    model: DiffusionHyperprior, x: torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS, model_id: bytes | None = None
+) -> bytes:
+    """One image (3, H, W) in [0, 1] -> the bytes of a file. Pass ``model_id`` (the model's
+    ``fingerprint()``) when coding many images, to hash the weights once."""
     height, width = x.shape[-2:]
     if height * width > max_pixels:
         raise BitstreamError(f"the image has {width}x{height} pixels, over the limit of {max_pixels}")
     out = model.compress(x.unsqueeze(0).to(next(model.parameters()).device))
-    header = Header(model.config.mode, model.fingerprint(), height, width, model.inference_steps)
+    header = Header(model.config.mode, model_id or model.fingerprint(), height, width, model.inference_steps)
     return write_bitstream(header, [s[0] for s in out["strings"]])
 
 
 @torch.no_grad()
-def decode_image(model: DiffusionHyperprior, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def decode_image(
+    model: DiffusionHyperprior, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, model_id: bytes | None = None
+) -> torch.Tensor:
     """The bytes of a file -> the image (3, H, W) in [0, 1]."""
     header, strings = read_bitstream(data, max_pixels)
-    if header.model_id != model.fingerprint():
+    model_id = model_id or model.fingerprint()
+    if header.model_id != model_id:
         raise BitstreamError(
-            f"the file was made with another checkpoint (id {header.model_id.hex()}, this one is "
-            f"{model.fingerprint().hex()})"
+            f"the file was made with another checkpoint (id {header.model_id.hex()}, this one is {model_id.hex()})"
         )
     if header.mode != model.config.mode or len(strings) != model.num_strings:
         raise BitstreamError(f"the file's mode {header.mode!r} does not match the checkpoint's")

@@ -1,0 +1,417 @@
+"""Measure codecs on a folder of images: PSNR, MS-SSIM and bits per pixel from real bitstreams.
+
+Every rate point of every curve is measured on the same images in one call:
+- checkpoints of the diffusion-hyperprior codec (``--model_path``: several make a curve);
+- CompressAI checkpoints, of this project's training script or CompressAI's own (``--curve``);
+- the classical codecs Pillow has: JPEG, WebP, AVIF (``--classical``).
+
+Per image: PSNR on 8-bit RGB, MS-SSIM on 8-bit RGB scaled to [0, 1] (as CompressAI's
+``eval_model``), bpp from the real bytes (for this codec the whole file, header included) beside
+the likelihood estimate, compression ratio (24 bpp / bpp), encode and decode time, peak memory,
+and whether ``decompress(compress(x))`` reproduces the forward pass's reconstruction.
+
+Writes into ``--output_dir``: ``<curve>.json`` in CompressAI's results format (its plotting tool
+reads them), ``per_image.csv``, ``summary.json`` with BD-rates (PSNR and MS-SSIM) of every curve
+against ``--anchor``, ``rd_plot.png``, and with ``--save_samples`` the original, reconstruction
+and error map of every image.
+
+    python evaluate_bk_sdm_compression.py --model_path outputs/q1/best_checkpoint.pth \
+        outputs/q2/best_checkpoint.pth --data_path ../shared/data/kodak --classical jpeg webp
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import bk_sdm_compression as bk
+import lic_common
+
+# ---- Codecs under a common interface ----
+
+
+class Codec:
+    """A rate point: ``code(x) -> (bytes, x_hat, seconds_enc, seconds_dec)``, plus an optional
+    ``estimate(batch) -> (bpp per image, x_hat)`` from the model's forward pass."""
+
+    label: str
+    point: str
+
+    def code(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    def estimate(self, x: torch.Tensor):
+        return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class LearnedCodec(Codec):
+    """This project's codec (the whole file is counted) or a CompressAI model (its strings, as
+    ``eval_model`` counts them; images padded with zeros to a multiple of 64 and cropped back)."""
+
+    def __init__(self, label: str, point: str, model: nn.Module, device: torch.device):
+        self.label, self.point, self.model, self.device = label, point, model.to(device).eval(), device
+        self.ours = isinstance(model, bk.DiffusionHyperprior)
+        self.model_id = model.fingerprint() if self.ours else None
+
+    def _pad(self, x):
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, (-w) % 64, 0, (-h) % 64)) if not self.ours else x
+
+    @torch.no_grad()
+    def code(self, x):
+        h, w = x.shape[-2:]
+        x = x.to(self.device)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        if self.ours:
+            data = bk.encode_image(self.model, x, max_pixels=h * w, model_id=self.model_id)
+        else:
+            enc = self.model.compress(self._pad(x[None]))
+            data = b"".join(s[0] for s in enc["strings"])
+        _sync(self.device)
+        t1 = time.perf_counter()
+        if self.ours:
+            x_hat = bk.decode_image(self.model, data, max_pixels=h * w, model_id=self.model_id)
+        else:
+            x_hat = self.model.decompress(enc["strings"], enc["shape"])["x_hat"][0, :, :h, :w]
+        _sync(self.device)
+        t2 = time.perf_counter()
+        return data, x_hat.clamp(0, 1).cpu(), t1 - t0, t2 - t1
+
+    @torch.no_grad()
+    def estimate(self, x):
+        h, w = x.shape[-2:]
+        out = self.model(self._pad(x.to(self.device)))
+        bits = sum(-torch.log2(p).flatten(1).sum(1) for p in out["likelihoods"].values())
+        return (bits / (h * w)).cpu().tolist(), out["x_hat"][..., :h, :w].clamp(0, 1).cpu()
+
+
+class PillowCodec(Codec):
+    """JPEG, WebP or AVIF at one quality setting, through Pillow (4:2:0 chroma, its defaults)."""
+
+    FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "avif": "AVIF"}
+
+    def __init__(self, name: str, quality: int):
+        self.label, self.point, self.name, self.quality = name, f"q{quality}", name, quality
+
+    def code(self, x):
+        img = Image.fromarray(lic_common.to_uint8(x).permute(1, 2, 0).numpy(), "RGB")
+        buf = io.BytesIO()
+        t0 = time.perf_counter()
+        img.save(buf, format=self.FORMATS[self.name], quality=self.quality)
+        t1 = time.perf_counter()
+        data = buf.getvalue()
+        with Image.open(io.BytesIO(data)) as dec:
+            x_hat = lic_common.pil_to_tensor(dec.convert("RGB"))
+        return data, x_hat, t1 - t0, time.perf_counter() - t1
+
+
+DEFAULT_QUALITIES = {"jpeg": [10, 30, 50, 75, 90], "webp": [10, 30, 50, 75, 90], "avif": [20, 40, 60, 75, 90]}
+
+
+def load_learned(path: str, args: argparse.Namespace, arch: str | None = None) -> nn.Module:
+    """A codec checkpoint of this project, or a CompressAI one (architecture from the checkpoint
+    or ``arch``). Pretrained-component flags, when given, must agree with the checkpoint."""
+    ckpt = lic_common.load_checkpoint(path)
+    kind = ckpt.get("architecture", arch)
+    if kind == bk.ARCHITECTURE:
+        model, _ = bk.load_codec(path, "cpu", args.bk_sdm_path, args.diffusion_steps)
+        for flag in ("use_pretrained_vae", "use_pretrained_unet"):
+            wanted = getattr(args, flag)
+            if wanted is not None and wanted != getattr(model.config, flag):
+                raise lic_common.CheckpointError(f"{path} was trained with {flag}={getattr(model.config, flag)}, not {wanted}")
+        return model
+    from compressai.zoo.image import model_architectures
+
+    if kind not in model_architectures:
+        raise lic_common.CheckpointError(f"{path}: unknown architecture {kind!r}; name it as LABEL=ARCH:PATH")
+    state = ckpt.get("state_dict", ckpt)
+    model = model_architectures[kind].from_state_dict(state)
+    model.update(force=True)
+    return model
+
+
+def build_codecs(args: argparse.Namespace, device: torch.device) -> list[Codec]:
+    """Every rate point to measure, in the order of the flags."""
+    curves: list[tuple[str, str | None, list[str]]] = []
+    if args.model_path:
+        curves.append((args.label, None, args.model_path))
+    for spec in args.curve or []:
+        label, _, rest = spec.partition("=")
+        arch, _, paths = rest.rpartition(":") if ":" in rest else ("", "", rest)
+        if not label or not paths:
+            raise ValueError(f"--curve {spec!r}: expected LABEL=[ARCH:]PATH[,PATH...]")
+        curves.append((label, arch or None, paths.split(",")))
+    codecs: list[Codec] = []
+    for label, arch, paths in curves:
+        for path in paths:
+            codecs.append(LearnedCodec(label, Path(path).parent.name + "/" + Path(path).stem, load_learned(path, args, arch), device))
+    for name in args.classical:
+        codecs += [PillowCodec(name, q) for q in getattr(args, f"{name}_qualities") or DEFAULT_QUALITIES[name]]
+    if not codecs:
+        raise ValueError("nothing to measure: give --model_path, --curve or --classical")
+    return codecs
+
+
+# ---- Measuring ----
+
+
+@dataclass
+class ImageResult:
+    curve: str
+    point: str
+    image: str
+    bpp: float
+    bpp_estimate: float
+    psnr: float
+    ms_ssim: float
+    compression_ratio: float
+    encode_seconds: float
+    decode_seconds: float
+    peak_memory_mb: float
+    roundtrip_matches_forward: bool | None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def image_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[float, float]:
+    """(PSNR on 8-bit RGB, MS-SSIM on 8-bit RGB in [0, 1])."""
+    x8, y8 = (lic_common.to_uint8(t).float() / 255 for t in (x, x_hat))
+    return lic_common.psnr(x, x_hat), lic_common.ms_ssim(x8[None], y8[None]).item()
+
+
+def evaluate(codecs: list[Codec], files: list[Path], args: argparse.Namespace, device: torch.device) -> list[ImageResult]:
+    """Measure every codec on every image; batches of same-size images for the estimates."""
+    images = {p: lic_common.load_image(p) for p in files}
+    results = []
+    for codec in codecs:
+        estimates = {}
+        by_size: dict[tuple, list[Path]] = {}
+        for p, x in images.items():
+            by_size.setdefault(tuple(x.shape), []).append(p)
+        for group in by_size.values():
+            for i in range(0, len(group), args.batch_size):
+                chunk = group[i : i + args.batch_size]
+                est = codec.estimate(torch.stack([images[p] for p in chunk]))
+                if est is not None:
+                    for p, bpp, x_hat in zip(chunk, est[0], est[1]):
+                        estimates[p] = (bpp, x_hat)
+        for p, x in images.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            data, x_hat, t_enc, t_dec = codec.code(x)
+            h, w = x.shape[-2:]
+            bpp = 8 * len(data) / (h * w)
+            psnr, msssim = image_metrics(x, x_hat)
+            matches = None
+            bpp_est = math.nan
+            if p in estimates:
+                bpp_est, x_fwd = estimates[p]
+                matches = bool(torch.equal(lic_common.to_uint8(x_fwd), lic_common.to_uint8(x_hat)))
+                if not matches:
+                    diff = (lic_common.to_uint8(x_fwd).int() - lic_common.to_uint8(x_hat).int()).abs()
+                    print(f"warning: {codec.label} {codec.point} {p.name}: decompress(compress(x)) differs from the "
+                          f"forward pass in {(diff > 0).float().mean().item():.2%} of values (max {diff.max().item()} / 255)")  # fmt: skip
+            results.append(ImageResult(codec.label, codec.point, p.name, bpp, bpp_est, psnr, msssim, 24 / bpp,
+                                       t_enc, t_dec, peak_memory_mb(device), matches))  # fmt: skip
+            if args.save_samples:
+                save_samples(Path(args.output_dir) / "samples" / codec.label / codec.point.replace("/", "_"), p.stem, x, x_hat)
+        point = [r for r in results if (r.curve, r.point) == (codec.label, codec.point)]
+        print(f"{codec.label:>24} {codec.point:<28} bpp {np.mean([r.bpp for r in point]):.4f} "
+              f"(est. {np.mean([r.bpp_estimate for r in point]):.4f})  PSNR {np.mean([r.psnr for r in point]):.2f} dB  "
+              f"MS-SSIM {np.mean([r.ms_ssim for r in point]):.4f}")  # fmt: skip
+    return results
+
+
+def save_samples(folder: Path, stem: str, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+    """Original, reconstruction, and the absolute error (x4, grey) of one image."""
+    lic_common.save_image(x, folder / f"{stem}_original.png")
+    lic_common.save_image(x_hat, folder / f"{stem}_reconstruction.png")
+    err = ((x - x_hat).abs().mean(0, keepdim=True) * 4).clamp(0, 1).repeat(3, 1, 1)
+    lic_common.save_image(err, folder / f"{stem}_error.png")
+
+
+# ---- Curves, BD-rate, plot ----
+
+
+def curves_from_results(results: list[ImageResult]) -> dict[str, dict]:
+    """Per curve, its points averaged over images, in CompressAI's results JSON format."""
+    curves: dict[str, dict] = {}
+    for r in results:
+        c = curves.setdefault(r.curve, {"name": r.curve, "description": "", "points": {}})
+        c["points"].setdefault(r.point, []).append(r)
+    out = {}
+    for label, c in curves.items():
+        points = sorted(c["points"].items(), key=lambda kv: np.mean([r.bpp for r in kv[1]]))
+        results_json = {
+            key: [float(np.mean([getattr(r, field) for r in rs])) for _, rs in points]
+            for key, field in (("psnr-rgb", "psnr"), ("ms-ssim-rgb", "ms_ssim"), ("bpp", "bpp"),
+                               ("bpp-estimate", "bpp_estimate"), ("encoding_time", "encode_seconds"),
+                               ("decoding_time", "decode_seconds"), ("peak_memory_mb", "peak_memory_mb"))
+        }  # fmt: skip
+        results_json["points"] = [name for name, _ in points]
+        out[label] = {"name": label, "description": f"measured by evaluate_bk_sdm_compression.py on {len(points[0][1])} images",
+                      "results": results_json}  # fmt: skip
+    return out
+
+
+def bd_rate(anchor_rate, anchor_quality, test_rate, test_quality) -> float:
+    """Bjontegaard delta rate in percent (negative: the test curve needs fewer bits).
+
+    log(rate) is interpolated as a function of quality with monotone cubic (PCHIP) pieces, as in
+    the current JVET/AOM tools, and the mean difference over the overlapping quality range is
+    taken. NaN when the curves do not overlap or have fewer than two points.
+    """
+    from scipy.interpolate import PchipInterpolator
+
+    def fit(rate, quality):
+        q, lr = np.asarray(quality, float), np.log(np.asarray(rate, float))
+        order = np.argsort(q)
+        q, lr = q[order], lr[order]
+        keep = np.concatenate([[True], np.diff(q) > 0])
+        return q[keep], lr[keep]
+
+    qa, ra = fit(anchor_rate, anchor_quality)
+    qt, rt = fit(test_rate, test_quality)
+    if len(qa) < 2 or len(qt) < 2:
+        return math.nan
+    lo, hi = max(qa[0], qt[0]), min(qa[-1], qt[-1])
+    if hi <= lo:
+        return math.nan
+    ia = PchipInterpolator(qa, ra).integrate(lo, hi)
+    it = PchipInterpolator(qt, rt).integrate(lo, hi)
+    return float((math.exp((it - ia) / (hi - lo)) - 1) * 100)
+
+
+def msssim_db(values) -> np.ndarray:
+    return -10 * np.log10(1 - np.asarray(values, float))
+
+
+def bd_rates(curves: dict[str, dict], anchor: str) -> dict[str, dict]:
+    """BD-rate (PSNR and MS-SSIM in dB) of every curve against ``anchor``."""
+    if anchor not in curves:
+        raise ValueError(f"--anchor {anchor!r} is not among the curves {sorted(curves)}")
+    a = curves[anchor]["results"]
+    out = {}
+    for label, c in curves.items():
+        r = c["results"]
+        out[label] = {
+            "bd_rate_psnr": bd_rate(a["bpp"], a["psnr-rgb"], r["bpp"], r["psnr-rgb"]),
+            "bd_rate_ms_ssim": bd_rate(a["bpp"], msssim_db(a["ms-ssim-rgb"]), r["bpp"], msssim_db(r["ms-ssim-rgb"])),
+        }
+    return out
+
+
+def plot_rd(curves: dict[str, dict], path: Path, published: list[dict] = (), title: str = "") -> None:
+    """PSNR and MS-SSIM (dB) against bpp, all curves, published ones dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for c, style in [(c, "o-") for c in curves.values()] + [(c, "x--") for c in published]:
+        r = c["results"]
+        axes[0].plot(r["bpp"], r["psnr-rgb"], style, label=c["name"])
+        if "ms-ssim-rgb" in r:
+            axes[1].plot(r["bpp"], msssim_db(r["ms-ssim-rgb"]), style, label=c["name"])
+    for ax, ylabel in zip(axes, ("PSNR-RGB (dB)", "MS-SSIM-RGB (dB)")):
+        ax.set_xlabel("bits per pixel")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(results: list[ImageResult], args: argparse.Namespace) -> dict:
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "per_image.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in results)
+    curves = curves_from_results(results)
+    for label, c in curves.items():
+        (out / f"{label}.json").write_text(json.dumps(c, indent=2))
+    published = [json.loads(Path(p).read_text()) for p in args.published or []]
+    anchor = args.anchor or next(iter(curves))
+    summary = {"anchor": anchor, "curves": curves, "bd_rates": bd_rates(curves, anchor),
+               "images": sorted({r.image for r in results}),
+               "roundtrip_mismatches": sum(r.roundtrip_matches_forward is False for r in results)}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_rd(curves, out / "rd_plot.png", published, title=f"{Path(args.data_path).name} ({len(summary['images'])} images)")
+    for label, bd in summary["bd_rates"].items():
+        print(f"BD-rate vs {anchor}: {label:>24}  PSNR {bd['bd_rate_psnr']:+7.2f}%   MS-SSIM {bd['bd_rate_ms_ssim']:+7.2f}%")
+    return summary
+
+
+# ---- Command line ----
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model_path", nargs="*", default=[], help="codec checkpoints, one rate point each, forming one curve")
+    p.add_argument("--label", default="diffusion-hyperprior", help="name of the --model_path curve")
+    p.add_argument("--curve", action="append", help="another curve: LABEL=[ARCH:]PATH[,PATH...] (ARCH for CompressAI's own checkpoints)")
+    p.add_argument("--classical", nargs="*", default=[], choices=tuple(PillowCodec.FORMATS), help="Pillow codecs to measure")
+    for name, qualities in DEFAULT_QUALITIES.items():
+        p.add_argument(f"--{name}_qualities", type=int, nargs="+", default=None, help=f"{name} quality settings (default {qualities})")
+    p.add_argument("--anchor", default=None, help="curve that BD-rates are computed against (default: the first)")
+    p.add_argument("--published", nargs="*", default=[], help="CompressAI-format result JSON files to overlay on the plot")
+    p.add_argument("--bk_sdm_path", default=None, help="where the pretrained BK-SDM parts are, if not where the checkpoint says")
+    p.add_argument("--use_pretrained_vae", action=argparse.BooleanOptionalAction, default=None, help="require checkpoints with (or without) BK-SDM's VAE")
+    p.add_argument("--use_pretrained_unet", action=argparse.BooleanOptionalAction, default=None, help="require checkpoints with (or without) BK-SDM's U-Net")
+    p.add_argument("--diffusion_steps", type=int, default=None, help="override the checkpoints' DDIM steps (0: hyper-decoder alone)")
+    p.add_argument("--data_path", required=True, help="folder of images (e.g. ../shared/data/kodak)")
+    p.add_argument("--output_dir", default="./evaluation_results", help="where results go")
+    p.add_argument("--batch_size", type=int, default=2, help="images per forward pass for the likelihood estimate")
+    p.add_argument("--save_samples", action=argparse.BooleanOptionalAction, default=False, help="save original, reconstruction and error map per image")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    try:
+        files = lic_common.list_images(args.data_path)
+        codecs = build_codecs(args, device)
+        results = evaluate(codecs, files, args, device)
+    except (lic_common.CheckpointError, lic_common.ImageError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return write_outputs(results, args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,213 @@
+"""Training and evaluation scripts: checkpoints, resume, DDP, bad input, metrics, BD-rate."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bk_sdm_compression as bk
+import evaluate_bk_sdm_compression as ev
+import lic_common
+import train_bk_sdm_compression as tr
+from conftest import ROOT, write_image
+
+TINY = ["--N", "8", "--M", "8", "--diffusion_steps", "2", "--unet_channels", "8", "--image_size", "64",
+        "--val_image_size", "64", "--batch_size", "2", "--num_workers", "0", "--warmup_steps", "2",
+        "--no-progress", "--lr", "1e-3"]  # fmt: skip
+
+
+def run_train(data, out, *extra):
+    return tr.main(["--data_path", str(data), "--output_dir", str(out), *TINY, *extra])
+
+
+def test_training_writes_everything_and_resume_continues(image_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_train(image_dir, out, "--epochs", "2", "--save_every", "1")
+    # 6 images, 1 held out: 5 per epoch, batch 2 -> 3 steps an epoch
+    assert result["step"] == 6 and result["epoch"] == 2
+    for name in ("config.json", "training.log", "last_checkpoint.pth", "best_checkpoint.pth",
+                 "checkpoint_0.pth", "checkpoint_1.pth"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").glob("events.*"))
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch0000.png", "epoch0001.png"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["codec"]["N"] == 8 and config["args"]["lambda_rate"] == 1e-4
+
+    last = lic_common.load_checkpoint(out / "last_checkpoint.pth")
+    assert last["run_state"]["step"] == 6
+    assert last["optimizer"]["state"], "optimizer moments are saved"
+    # the auxiliary optimizer holds exactly the entropy bottleneck's quantiles
+    model = bk.from_config(bk.CodecConfig.from_dict(last["config"]))
+    main_params, aux_params = tr.split_parameters(model)
+    assert [p is model.entropy_bottleneck.quantiles for p in aux_params] == [True]
+    assert len(last["aux_optimizer"]["param_groups"][0]["params"]) == 1
+    assert not any(p is model.entropy_bottleneck.quantiles for p in main_params)
+
+    # the best checkpoint is ready to compress, through the command line
+    src = write_image(tmp_path / "x.png", (40, 52))
+    bk.main(["compress", str(src), str(tmp_path / "x.bin"), "--checkpoint", str(out / "best_checkpoint.pth")])
+    bk.main(["decompress", str(tmp_path / "x.bin"), str(tmp_path / "y.png"), "--checkpoint", str(out / "best_checkpoint.pth")])
+
+    resumed = run_train(image_dir, out, "--epochs", "3", "--resume", "last")
+    assert resumed["step"] == 9 and resumed["epoch"] == 3
+    step2 = lic_common.load_checkpoint(out / "last_checkpoint.pth")["optimizer"]["state"]
+    first_param = next(iter(step2))
+    assert step2[first_param]["step"].item() == 9  # Adam's count went on from 6, not from 0
+
+
+def test_interrupted_run_resumes_exactly(image_dir, tmp_path, monkeypatch):
+    """Ctrl-C mid-epoch saves a checkpoint; resuming gives bit-identical weights to a run that
+    was never interrupted."""
+    run_train(image_dir, tmp_path / "straight", "--epochs", "2")
+
+    calls = {"n": 0}
+    original = tr.RateDistortionLoss.forward
+
+    def interrupt_mid_epoch(self, out, x):
+        calls["n"] += 1  # calls 1-3: epoch 0's steps, 4: its validation, 5: step 4, 6: step 5
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(self, out, x)
+
+    monkeypatch.setattr(tr.RateDistortionLoss, "forward", interrupt_mid_epoch)
+    with pytest.raises(SystemExit) as exc:
+        run_train(image_dir, tmp_path / "cut", "--epochs", "2")
+    assert exc.value.code == 130
+    saved = lic_common.load_checkpoint(tmp_path / "cut" / "last_checkpoint.pth")["run_state"]
+    assert (saved["step"], saved["epoch"], saved["batches_done"]) == (4, 1, 1)
+    monkeypatch.setattr(tr.RateDistortionLoss, "forward", original)
+    run_train(image_dir, tmp_path / "cut", "--epochs", "2", "--resume", "last")
+
+    a = lic_common.load_checkpoint(tmp_path / "straight" / "last_checkpoint.pth")["state_dict"]
+    b = lic_common.load_checkpoint(tmp_path / "cut" / "last_checkpoint.pth")["state_dict"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    run_train(image_dir, out, "--epochs", "1")
+    before = (out / "last_checkpoint.pth").read_bytes()
+    original = tr.RateDistortionLoss.forward
+
+    def nan_loss(self, out_, x):
+        losses = original(self, out_, x)
+        losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(tr.RateDistortionLoss, "forward", nan_loss)
+    with pytest.raises(SystemExit) as exc:
+        run_train(image_dir, out, "--epochs", "2", "--resume", "last")
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "loss is nan" in err and "last_checkpoint.pth" in err
+    assert (out / "last_checkpoint.pth").read_bytes() == before
+
+
+def test_corrupt_and_small_images_are_handled(image_dir, tmp_path):
+    (image_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    write_image(image_dir / "tiny.png", (20, 30))  # smaller than the 64 px crop
+    with pytest.warns(UserWarning, match="broken.png"):
+        result = run_train(image_dir, tmp_path / "run", "--epochs", "1", "--epoch_size", "16", "--val_fraction", "0.01")
+    assert result["step"] == 8 and math.isfinite(result["best_loss"])
+
+
+def test_compressai_architecture_trains_and_loads_in_compressai(image_dir, tmp_path):
+    run_train(image_dir, tmp_path / "hp", "--model", "bmshj2018-hyperprior", "--epochs", "1")
+    ckpt = lic_common.load_checkpoint(tmp_path / "hp" / "best_checkpoint.pth")
+    from compressai.zoo.image import model_architectures
+
+    model = model_architectures["bmshj2018-hyperprior"].from_state_dict(ckpt["state_dict"])  # as eval_model does
+    assert model.g_a[0].out_channels == 8
+
+
+def test_sampler_is_deterministic_and_split_across_ranks():
+    s0 = tr.SeededSampler(5, 7, seed=3, rank=0, world=2)
+    s1 = tr.SeededSampler(5, 7, seed=3, rank=1, world=2)
+    a, b = list(s0), list(s1)
+    assert len(a) == len(b) == 4 and list(s0) == a
+    assert sorted(i for i, _ in a + b)[:7] != []  # every rank gets a share
+    s0.set_epoch(0, skip=2)
+    assert list(s0) == a[2:]
+    s0.set_epoch(1)
+    assert list(s0) != a
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_cpu_processes_only_rank0_writes(image_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(ROOT / "train_bk_sdm_compression.py"),
+           "--data_path", str(image_dir), "--output_dir", str(out), "--device", "cpu", "--epochs", "2", *TINY]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "training.log").read_text()
+    assert log.count("2 process(es)") == 1 and log.count("done:") == 1
+    # 5 training images over 2 ranks: ceil(5/2) = 3 per rank, batch 2 -> 2 steps an epoch
+    assert lic_common.load_checkpoint(out / "last_checkpoint.pth")["run_state"]["step"] == 4
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["best_checkpoint.pth", "config.json", "last_checkpoint.pth", "samples", "tensorboard", "training.log"]
+    )
+
+
+# ---- evaluation ----
+
+
+def test_evaluation_json_csv_real_bytes_and_roundtrip(image_dir, tmp_path):
+    run_train(image_dir, tmp_path / "run", "--epochs", "1")
+    ckpt = tmp_path / "run" / "best_checkpoint.pth"
+    data = tmp_path / "eval_images"
+    write_image(data / "a.png", (48, 64), seed=1)
+    write_image(data / "b.png", (48, 64), seed=2)
+    out = tmp_path / "ev"
+    summary = ev.main(["--model_path", str(ckpt), "--data_path", str(data), "--output_dir", str(out),
+                       "--classical", "jpeg", "--jpeg_qualities", "20", "60", "--save_samples"])  # fmt: skip
+    curve = json.loads((out / "diffusion-hyperprior.json").read_text())
+    assert {"name", "description", "results"} <= curve.keys()
+    assert {"psnr-rgb", "ms-ssim-rgb", "bpp", "encoding_time", "decoding_time"} <= curve["results"].keys()
+
+    # bpp is the file's real size, header included
+    model, _ = bk.load_codec(ckpt)
+    sizes = [len(bk.encode_image(model, lic_common.load_image(data / n))) for n in ("a.png", "b.png")]
+    assert curve["results"]["bpp"][0] == pytest.approx(np.mean([8 * s / (48 * 64) for s in sizes]))
+    assert summary["roundtrip_mismatches"] == 0
+    rows = (out / "per_image.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 + 2 * 2 and rows[0].startswith("curve,point,image,bpp,bpp_estimate,psnr")
+    assert (out / "rd_plot.png").stat().st_size > 1000
+    assert (out / "samples" / "diffusion-hyperprior" / "run_best_checkpoint" / "a_error.png").is_file()
+    assert set(summary["bd_rates"]) == {"diffusion-hyperprior", "jpeg"}
+
+
+def test_bd_rate_matches_independent_values():
+    psnr = np.array([28.0, 30.0, 32.0, 34.0])
+    rate = np.array([0.2, 0.35, 0.6, 1.0])
+    # the same qualities at 10% fewer bits: exactly -10% whatever the interpolation
+    assert ev.bd_rate(rate, psnr, rate * 0.9, psnr) == pytest.approx(-10.0, abs=1e-9)
+    # log-linear curves log R = a + b Q, the test one 1 dB better: BD-rate = exp(-b) - 1
+    b = 0.25
+    q = np.linspace(28, 36, 5)
+    anchor = np.exp(-8 + b * q)
+    test = np.exp(-8 + b * (q - 1.0))
+    assert ev.bd_rate(anchor, q, test, q) == pytest.approx((math.exp(-b) - 1) * 100, rel=1e-6)
+    assert math.isnan(ev.bd_rate(rate, psnr, rate, psnr + 20))  # no overlap
+
+
+def test_evaluation_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
+    write_image(tmp_path / "imgs" / "a.png")
+    lic_common.save_checkpoint({"foo": 1}, tmp_path / "x.pth")
+    with pytest.raises(SystemExit):
+        ev.main(["--curve", f"c={tmp_path / 'x.pth'}", "--data_path", str(tmp_path / "imgs"), "--output_dir", str(tmp_path / "o")])
+    assert "unknown architecture" in capsys.readouterr().err

@@ -1,0 +1,631 @@
+"""Train the diffusion-hyperprior codec, or one of CompressAI's architectures, end to end.
+
+Rate-distortion training as in Ballé et al. 2018 and CompressAI's ``examples/train.py``:
+
+    loss = D + lambda_rate * bpp + diffusion_weight * denoising_loss
+
+with D the MSE of images in [0, 1] (or 1 - MS-SSIM), bpp = -sum(log2 likelihoods) / pixels, and
+the denoising loss the DDPM noise-prediction error of the codec's U-Net (zero for CompressAI's
+models). A larger ``--lambda_rate`` compresses harder. CompressAI writes the same trade-off as
+``lmbda * 255^2 * MSE + bpp``, so ``lambda_rate = 1 / (255^2 * lmbda)``: its qualities 1..8
+(lmbda 0.0018 ... 0.18) are lambda_rate 8.5e-3, 4.4e-3, 2.3e-3, 1.2e-3, 6.2e-4, 3.2e-4, 1.7e-4,
+8.5e-5. The entropy bottleneck's ``quantiles`` have their own Adam (the auxiliary loss).
+
+    python train_bk_sdm_compression.py --data_path ../shared/data/train --output_dir outputs/run1
+    torchrun --nproc_per_node 4 train_bk_sdm_compression.py ...      # DistributedDataParallel
+
+Batches are (B, 3, image_size, image_size) random crops in [0, 1]. Everything the run writes is
+inside ``--output_dir``: config.json, training.log, tensorboard/, samples/, last_checkpoint.pth,
+best_checkpoint.pth (entropy tables updated, ready to compress) and checkpoint_<epoch>.pth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+import zlib
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+import bk_sdm_compression as bk
+import lic_common
+
+# ---- Model choices ----
+
+COMPRESSAI_ARCHITECTURES = (
+    "bmshj2018-factorized",
+    "bmshj2018-hyperprior",
+    "mbt2018-mean",
+    "mbt2018",
+    "cheng2020-anchor",
+)
+MODEL_CHOICES = (bk.ARCHITECTURE, *COMPRESSAI_ARCHITECTURES)
+
+
+def build_model(config: dict) -> nn.Module:
+    """A model from the ``model`` section of a run's config (see ``model_config``)."""
+    if config["architecture"] == bk.ARCHITECTURE:
+        return bk.from_config(bk.CodecConfig.from_dict(config["codec"]))
+    from compressai.zoo.image import model_architectures
+
+    return model_architectures[config["architecture"]](config["N"], config["M"])
+
+
+def model_config(args: argparse.Namespace) -> dict:
+    """What rebuilds the model: the architecture and its constructor arguments."""
+    if args.model == bk.ARCHITECTURE:
+        codec = bk.CodecConfig(
+            N=args.N,
+            M=args.M,
+            diffusion_steps=args.diffusion_steps,
+            mode=args.mode,
+            noise_schedule=args.noise_schedule,
+            beta_start=args.beta_start,
+            beta_end=args.beta_end,
+            use_pretrained_vae=args.use_pretrained_vae,
+            use_pretrained_unet=args.use_pretrained_unet,
+            bk_sdm_path=args.bk_sdm_path if (args.use_pretrained_vae or args.use_pretrained_unet) else None,
+            finetune_pretrained=args.finetune_pretrained,
+            unet_channels=args.unet_channels,
+            unet_levels=args.unet_levels,
+            diffusion_strength=args.diffusion_strength,
+        )
+        return {"architecture": bk.ARCHITECTURE, "codec": codec.to_dict()}
+    if args.quality is not None:
+        from compressai.zoo.image import cfgs
+
+        N, M = cfgs[args.model][args.quality]
+    else:
+        N, M = args.N, args.M
+    return {"architecture": args.model, "N": N, "M": M}
+
+
+def checkpoint_model_state(model: nn.Module, config: dict) -> dict:
+    """The model part of a checkpoint: ``state_dict`` (so CompressAI's ``eval_model`` and
+    ``load_codec`` read it), ``architecture`` and, for the codec, its ``config``."""
+    if config["architecture"] == bk.ARCHITECTURE:
+        return model.checkpoint_payload()
+    return {"architecture": config["architecture"], "state_dict": model.state_dict(), "model_args": config}
+
+
+# ---- Data ----
+
+
+class ImageFolderCrops(Dataset):
+    """Random crops of every image below a folder (searched recursively).
+
+    The sampler hands each item an (index, seed) pair, so crops and flips depend on the seed
+    alone: the same in every worker, on every rank, and after ``--resume``. A file that cannot be
+    decoded is skipped with a warning (the next file stands in). An image smaller than the crop is
+    first upscaled so that its shorter side equals the crop size.
+    """
+
+    def __init__(self, files: list[Path], crop: int, train: bool):
+        self.files, self.crop, self.train = files, crop, train
+        self.bad: set[Path] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, index: int) -> torch.Tensor:
+        for offset in range(len(self.files)):
+            path = self.files[(index + offset) % len(self.files)]
+            if path in self.bad:
+                continue
+            try:
+                return lic_common.load_image(path)
+            except lic_common.ImageError as e:
+                self.bad.add(path)
+                warnings.warn(f"skipping {e}", stacklevel=2)
+        raise RuntimeError("no image in the data folder can be decoded")
+
+    def __getitem__(self, item) -> torch.Tensor:
+        index, seed = item if isinstance(item, tuple) else (item, 0)
+        x = self._load(index)
+        c = self.crop
+        h, w = x.shape[-2:]
+        if min(h, w) < c:
+            scale = c / min(h, w)
+            h, w = max(c, round(h * scale)), max(c, round(w * scale))
+            x = F.interpolate(x[None], size=(h, w), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        g = torch.Generator().manual_seed(seed)
+        if self.train:
+            top = int(torch.randint(0, h - c + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - c + 1, (1,), generator=g))
+        else:
+            top, left = (h - c) // 2, (w - c) // 2
+        x = x[:, top : top + c, left : left + c]
+        if self.train and torch.rand(1, generator=g).item() < 0.5:
+            x = x.flip(-1)
+        return x
+
+
+class SeededSampler(Sampler):
+    """Yields (index, seed) pairs: an epoch of ``epoch_size`` draws (a permutation, repeated as
+    needed), split across ranks, from a generator seeded by (seed, epoch). ``skip`` drops the
+    first items, so a run interrupted mid-epoch resumes on exactly the next batch."""
+
+    def __init__(self, n: int, epoch_size: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+        self.n, self.epoch_size, self.seed, self.rank, self.world, self.shuffle = n, epoch_size, seed, rank, world, shuffle
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return math.ceil(self.epoch_size / self.world)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        reps = math.ceil(self.epoch_size / self.n)
+        order = [torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n) for _ in range(reps)]
+        indices = torch.cat(order)[: self.epoch_size].tolist()
+        seeds = torch.randint(0, 2**31 - 1, (len(indices),), generator=g).tolist()
+        items = list(zip(indices, seeds))
+        items += items[: len(self) * self.world - len(items)]  # equal share on every rank
+        return iter(items[self.rank :: self.world][self.skip :])
+
+
+def split_files(files: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
+    """A deterministic split by a hash of each file name (the same on every machine and run)."""
+    if len(files) < 2:
+        raise ValueError("need at least two images to hold some out for validation; pass --val_data_path")
+    ranked = sorted(files, key=lambda p: zlib.crc32(p.name.encode()))
+    n_val = min(len(files) - 1, max(1, round(len(files) * val_fraction)))
+    val = set(ranked[:n_val])
+    return [f for f in files if f not in val], [f for f in files if f in val]
+
+
+# ---- Loss and schedule ----
+
+
+class RateDistortionLoss(nn.Module):
+    """loss = D + lambda_rate * bpp + diffusion_weight * denoising_loss (see the module docstring)."""
+
+    def __init__(self, lambda_rate: float, distortion: str = "mse", diffusion_weight: float = 1.0):
+        super().__init__()
+        self.lambda_rate, self.distortion, self.diffusion_weight = lambda_rate, distortion, diffusion_weight
+
+    def forward(self, out: dict, x: torch.Tensor) -> dict:
+        x_hat = out["x_hat"].float()
+        num_pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
+        bpp = lic_common.bpp_from_likelihoods({k: v.float() for k, v in out["likelihoods"].items()}, num_pixels)
+        mse = F.mse_loss(x_hat, x)
+        if self.distortion == "mse":
+            distortion = mse
+        else:
+            distortion = 1 - lic_common.ms_ssim(x, x_hat)
+        denoising = out.get("denoising_loss", x.new_zeros(())).float()
+        loss = distortion + self.lambda_rate * bpp + self.diffusion_weight * denoising
+        psnr = -10 * torch.log10(mse.detach().clamp_min(1e-10))
+        return {"loss": loss, "mse": mse, "bpp": bpp, "denoising": denoising, "psnr": psnr}
+
+
+class LRSchedule:
+    """Learning rate as a function of training progress in [0, 1]: linear warm-up over
+    ``warmup_steps``, then ``constant`` or ``cosine`` decay to ``min_lr_ratio`` x the base rate.
+    Progress is the larger of steps done / step budget and time spent / time budget, so a run
+    bounded by minutes still anneals."""
+
+    def __init__(self, optimizer, kind: str, warmup_steps: int, min_lr_ratio: float):
+        self.optimizer, self.kind, self.warmup_steps, self.min_lr_ratio = optimizer, kind, warmup_steps, min_lr_ratio
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+    def factor(self, step: int, progress: float) -> float:
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.kind == "constant":
+            return warm
+        return warm * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+    def step(self, step: int, progress: float) -> None:
+        f = self.factor(step, progress)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * f
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "warmup_steps": self.warmup_steps, "min_lr_ratio": self.min_lr_ratio, "base_lrs": self.base_lrs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kind, self.warmup_steps = state["kind"], state["warmup_steps"]
+        self.min_lr_ratio, self.base_lrs = state["min_lr_ratio"], state["base_lrs"]
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(main, auxiliary) trainable parameters; the auxiliary ones are the ``quantiles``."""
+    main, aux = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (aux if name.endswith("quantiles") else main).append(p)
+    return main, aux
+
+
+# ---- Command line ----
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + " loss = D + lambda_rate * bpp + diffusion_weight * denoising_loss.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=bk.ARCHITECTURE, choices=MODEL_CHOICES, help="architecture to train")
+    g.add_argument("--quality", type=int, default=None, choices=range(1, 9), help="CompressAI architectures: take N and M from the zoo's config for this quality (else --N/--M)")
+    g.add_argument("--bk_sdm_path", default="nota-ai/bk-sdm-small", help="diffusers folder or hub id of BK-SDM (pretrained parts only)")
+    g.add_argument("--N", type=int, default=128, help="channels of the transforms and of z")
+    g.add_argument("--M", type=int, default=128, help="latent channels (the VAE's with --use_pretrained_vae)")
+    g.add_argument("--diffusion_steps", type=int, default=30, help="DDIM steps predicting y; also the from-scratch schedule's timesteps (0: hyper-decoder alone)")
+    g.add_argument("--noise_schedule", default="linear", choices=tuple(bk.NOISE_SCHEDULES), help="from-scratch beta schedule")
+    g.add_argument("--beta_start", type=float, default=0.0001, help="first beta of the from-scratch schedule")
+    g.add_argument("--beta_end", type=float, default=0.02, help="last beta of the from-scratch schedule")
+    g.add_argument("--diffusion_strength", type=float, default=None, help="fraction of the schedule the chain covers (default 1.0 from scratch, 0.2 with BK-SDM's U-Net)")
+    g.add_argument("--mode", default="residual", choices=bk.MODES, help="code the residual around the prediction, or z only")
+    g.add_argument("--use_pretrained_vae", action=argparse.BooleanOptionalAction, default=False, help="BK-SDM's VAE as analysis/synthesis")
+    g.add_argument("--use_pretrained_unet", action=argparse.BooleanOptionalAction, default=False, help="BK-SDM's U-Net as the denoiser")
+    g.add_argument("--finetune_pretrained", action=argparse.BooleanOptionalAction, default=False, help="train the pretrained parts too (frozen otherwise)")
+    g.add_argument("--unet_channels", type=int, default=64, help="width of the from-scratch U-Net's first level")
+    g.add_argument("--unet_levels", type=int, default=2, help="resolution levels of the from-scratch U-Net")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lambda_rate", type=float, default=1e-4, help="rate weight; larger compresses harder (CompressAI quality q: 1 / (255^2 lmbda_q))")
+    g.add_argument("--distortion", default="mse", choices=("mse", "ms-ssim"), help="D in the loss")
+    g.add_argument("--diffusion_weight", type=float, default=1.0, help="weight of the U-Net's denoising loss")
+    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the model")
+    g.add_argument("--aux_lr", type=float, default=1e-3, help="Adam learning rate of the entropy bottleneck's quantiles")
+    g.add_argument("--lr_schedule", default="cosine", choices=("cosine", "constant"), help="decay after warm-up, over the step or time budget")
+    g.add_argument("--warmup_steps", type=int, default=100, help="linear learning-rate warm-up")
+    g.add_argument("--min_lr_ratio", type=float, default=0.05, help="cosine decays to this fraction of --lr")
+    g.add_argument("--clip_max_norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--batch_size", type=int, default=4, help="images per step on each process")
+    g.add_argument("--epochs", type=int, default=100, help="epochs to train")
+    g.add_argument("--epoch_size", type=int, default=0, help="random crops per epoch (0: one per training image)")
+    g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no step budget)")
+    g.add_argument("--time_budget", type=float, default=0.0, help="stop after this many minutes of training (0: none)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA (ignored on the CPU)")
+    g.add_argument("--amp_dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype on CUDA")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", required=True, help="folder of training images (searched recursively)")
+    g.add_argument("--val_data_path", default=None, help="folder of validation images (default: a held-out share of --data_path)")
+    g.add_argument("--val_fraction", type=float, default=0.1, help="share of --data_path held out when there is no --val_data_path")
+    g.add_argument("--image_size", type=int, default=256, help="training crop size")
+    g.add_argument("--val_image_size", type=int, default=256, help="validation centre-crop size")
+    g.add_argument("--num_workers", type=int, default=2, help="data-loading workers per process")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", default="./outputs", help="everything the run writes goes here")
+    g.add_argument("--resume", default=None, help="checkpoint to continue from ('last': output_dir/last_checkpoint.pth)")
+    g.add_argument("--seed", type=int, default=42, help="random seed")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    g.add_argument("--val_interval", type=int, default=1, help="validate (and save best) every this many epochs")
+    g.add_argument("--save_every", type=int, default=10, help="also keep checkpoint_<epoch>.pth every this many epochs (0: never)")
+    g.add_argument("--log_interval", type=int, default=10, help="steps between TensorBoard scalars")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
+    args = p.parse_args(argv)
+    if args.quality is not None and args.model == bk.ARCHITECTURE:
+        p.error("--quality selects a CompressAI architecture's size; use --N/--M for the codec")
+    return args
+
+
+# ---- Training ----
+
+
+@dataclasses.dataclass
+class RunState:
+    """What a checkpoint restores besides the modules."""
+
+    epoch: int = 0
+    batches_done: int = 0  # of the current epoch, when interrupted mid-epoch
+    step: int = 0
+    best_loss: float = math.inf
+    elapsed: float = 0.0  # seconds of training, for --time_budget
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Owns the model, optimizers, data and outputs of one run; ``fit`` trains it."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.output_dir)
+        self.rank, self.world = setup_distributed(args.device)
+        self.is_main = self.rank == 0
+        self.device = torch.device(args.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        self.state = RunState()
+        self.rng_snapshot = None  # RNG state at the start of the step in progress
+        resume_ckpt = self._resume_checkpoint()
+        self.config = resume_ckpt["run_config"]["model"] if resume_ckpt else model_config(args)
+        lic_common.seed_everything(args.seed)
+        self.model = build_model(self.config).to(self.device)
+        self.criterion = RateDistortionLoss(args.lambda_rate, args.distortion, args.diffusion_weight)
+        main_params, aux_params = split_parameters(self.model)
+        self.optimizer = torch.optim.Adam(main_params, lr=args.lr)
+        self.aux_optimizer = torch.optim.Adam(aux_params, lr=args.aux_lr)
+        self.schedule = LRSchedule(self.optimizer, args.lr_schedule, args.warmup_steps, args.min_lr_ratio)
+        use_amp = args.amp and self.device.type == "cuda"
+        self.amp_dtype = getattr(torch, args.amp_dtype) if use_amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp_dtype == "float16")
+        self.train_loader, self.val_loader = self._build_data()
+        if resume_ckpt:
+            self._restore(resume_ckpt)
+        self.ddp = self._wrap_ddp()
+        self.writer, self.log = self._build_outputs()
+
+    # -- construction --
+
+    def _resume_checkpoint(self) -> dict | None:
+        if not self.args.resume:
+            return None
+        path = self.out / "last_checkpoint.pth" if self.args.resume == "last" else Path(self.args.resume)
+        ckpt = lic_common.load_checkpoint(path)
+        if "run_config" not in ckpt:
+            raise lic_common.CheckpointError(f"{path} is not a training checkpoint of this script (no run_config)")
+        return ckpt
+
+    def _build_data(self) -> tuple[DataLoader, DataLoader]:
+        args = self.args
+        files = lic_common.list_images(args.data_path)
+        if args.val_data_path:
+            train_files, val_files = files, lic_common.list_images(args.val_data_path)
+        else:
+            train_files, val_files = split_files(files, args.val_fraction)
+        train_set = ImageFolderCrops(train_files, args.image_size, train=True)
+        val_set = ImageFolderCrops(val_files, args.val_image_size, train=False)
+        epoch_size = args.epoch_size or len(train_files)
+        self.sampler = SeededSampler(len(train_files), epoch_size, args.seed, self.rank, self.world)
+        val_sampler = SeededSampler(len(val_files), len(val_files), 0, self.rank, self.world, shuffle=False)
+        # the loaders get generators of their own, so they never draw from the global RNG
+        common = dict(num_workers=args.num_workers, pin_memory=self.device.type == "cuda",
+                      persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+        train = DataLoader(train_set, batch_size=args.batch_size, sampler=self.sampler, drop_last=False, **common)
+        val = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, **common)
+        return train, val
+
+    def _wrap_ddp(self) -> nn.Module:
+        if self.world == 1:
+            return self.model
+        # the quantiles train on the auxiliary loss alone, identical on every rank: keep them out
+        # of DDP's gradient reduction; the entropy coder's tables are rebuilt, not broadcast
+        ignore = [n for n, _ in self.model.named_parameters() if n.endswith("quantiles")]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, ignore)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+
+    def _build_outputs(self):
+        if not self.is_main:
+            return None, logging.getLogger("train.silent")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "samples").mkdir(exist_ok=True)
+        config = {"args": vars(self.args), "model": self.config, "world_size": self.world}
+        (self.out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        log = logging.getLogger(f"train.{self.out}")
+        log.setLevel(logging.INFO)
+        log.handlers.clear()
+        log.propagate = False
+        for handler in (logging.FileHandler(self.out / "training.log"), logging.StreamHandler(sys.stdout)):
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            log.addHandler(handler)
+        n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log.info(f"{self.config['architecture']}: {n_trainable / 1e6:.2f} M trainable parameters, "
+                 f"{len(self.train_loader.dataset)} training / {len(self.val_loader.dataset)} validation images, "
+                 f"device {self.device}, {self.world} process(es)")  # fmt: skip
+        return SummaryWriter(self.out / "tensorboard"), log
+
+    # -- checkpoints --
+
+    def _restore(self, ckpt: dict) -> None:
+        model_state = ckpt["state_dict"]
+        if self.config["architecture"] == bk.ARCHITECTURE:
+            self.model.load_trainable_state_dict(model_state)
+        else:
+            self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
+        self.schedule.load_state_dict(ckpt["lr_schedule"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = RunState(**ckpt["run_state"])
+        lic_common.set_rng_state(ckpt["rng"])
+
+    def save_checkpoint(self, path: Path, update_tables: bool = False) -> None:
+        """Model (the raw module), optimizers, schedule, scaler, progress, RNG and config."""
+        if not self.is_main:
+            return
+        if update_tables:
+            self.model.update(force=True)
+        state = checkpoint_model_state(self.model, self.config)
+        state.update(
+            optimizer=self.optimizer.state_dict(),
+            aux_optimizer=self.aux_optimizer.state_dict(),
+            lr_schedule=self.schedule.state_dict(),
+            scaler=self.scaler.state_dict(),
+            run_state=dataclasses.asdict(self.state),
+            rng=self.rng_snapshot or lic_common.rng_state(),
+            run_config={"args": vars(self.args), "model": self.config},
+        )
+        lic_common.save_checkpoint(state, path)
+
+    # -- loops --
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    def budget_left(self) -> bool:
+        a, s = self.args, self.state
+        if a.max_steps and s.step >= a.max_steps:
+            return False
+        return not (a.time_budget and s.elapsed >= a.time_budget * 60)
+
+    def progress(self) -> float:
+        a, s = self.args, self.state
+        steps_total = a.max_steps or a.epochs * len(self.train_loader)
+        by_time = s.elapsed / (a.time_budget * 60) if a.time_budget else 0.0
+        return max(s.step / steps_total, by_time)
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        self.ddp.train()
+        self.sampler.set_epoch(epoch, skip=self.state.batches_done * self.args.batch_size)
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", disable=not (self.is_main and self.args.progress),
+                   initial=self.state.batches_done, total=len(self.train_loader), dynamic_ncols=True, leave=False)  # fmt: skip
+        sums, count = {}, 0
+        tick = time.perf_counter()
+        for x in bar:
+            self.rng_snapshot = lic_common.rng_state()  # what an interrupted step resumes from
+            x = x.to(self.device, non_blocking=True)
+            with self.autocast():
+                out = self.ddp(x)
+            losses = self.criterion(out, x)
+            if not torch.isfinite(losses["loss"]):
+                raise TrainingDiverged(
+                    f"loss is {losses['loss'].item()} at step {self.state.step} (epoch {epoch}); stopped without "
+                    f"saving. The last good checkpoint is {self.out / 'last_checkpoint.pth'}: resume from it with "
+                    "a lower --lr or a tighter --clip_max_norm."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(losses["loss"]).backward()
+            if self.args.clip_max_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], self.args.clip_max_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            aux_loss = self.model.aux_loss()
+            self.aux_optimizer.zero_grad(set_to_none=True)
+            aux_loss.backward()
+            self.aux_optimizer.step()
+
+            now = time.perf_counter()
+            self.state.elapsed += now - tick
+            tick = now
+            self.state.step += 1
+            self.state.batches_done += 1
+            self.schedule.step(self.state.step, self.progress())
+            values = {k: v.item() for k, v in losses.items()} | {"aux": aux_loss.item()}
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            bar.set_postfix(loss=f"{values['loss']:.4f}", bpp=f"{values['bpp']:.3f}", psnr=f"{values['psnr']:.2f}")
+            if self.writer and self.state.step % self.args.log_interval == 0:
+                for k, v in values.items():
+                    self.writer.add_scalar(f"train/{k}", v, self.state.step)
+                self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.state.step)
+            if not self.budget_left():
+                break
+        self.rng_snapshot = None
+        bar.close()
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict:
+        """Validation loss, bpp estimate and PSNR on centre crops (averaged over all ranks)."""
+        self.model.eval()
+        totals = torch.zeros(5, dtype=torch.float64)
+        first = None
+        for x in self.val_loader:
+            x = x.to(self.device)
+            with self.autocast():
+                out = self.model(x)
+            losses = self.criterion(out, x)
+            n = x.shape[0]
+            totals += torch.tensor([losses["loss"].item() * n, losses["bpp"].item() * n, losses["mse"].item() * n,
+                                    lic_common.psnr(x, out["x_hat"].float()) * n, n], dtype=torch.float64)  # fmt: skip
+            if first is None:
+                first = (x[0].float().cpu(), out["x_hat"][0].float().cpu())
+        if self.world > 1:
+            dist.all_reduce(totals)
+        n = totals[4].item()
+        metrics = {"loss": totals[0].item() / n, "bpp": totals[1].item() / n, "mse": totals[2].item() / n, "psnr": totals[3].item() / n}
+        if self.writer:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"val/{k}", v, self.state.step)
+            x, x_hat = first
+            self.writer.add_images("val/original_reconstruction", torch.stack([x, x_hat.clamp(0, 1)]), self.state.step)
+            lic_common.save_image(x_hat, self.out / "samples" / f"epoch{epoch:04d}.png")
+        return metrics
+
+    def fit(self) -> dict:
+        args, s = self.args, self.state
+        self.log.info(f"training from epoch {s.epoch}, step {s.step}" + (f", batch {s.batches_done}" if s.batches_done else ""))
+        val = {}
+        try:
+            while s.epoch < args.epochs and self.budget_left():
+                epoch = s.epoch
+                train = self.train_one_epoch(epoch)
+                finished = s.batches_done >= len(self.train_loader)
+                if finished:  # a budget that ends mid-epoch leaves it open for --resume
+                    s.epoch, s.batches_done = epoch + 1, 0
+                last = s.epoch >= args.epochs or not self.budget_left()
+                if (finished and epoch % args.val_interval == 0) or last:
+                    val = self.evaluate(epoch)
+                    improved = val["loss"] < s.best_loss
+                    if improved:
+                        s.best_loss = val["loss"]
+                    self.log.info(
+                        f"epoch {epoch} step {s.step}: train loss {train.get('loss', math.nan):.4f} "
+                        f"bpp {train.get('bpp', math.nan):.3f} psnr {train.get('psnr', math.nan):.2f} | val loss "
+                        f"{val['loss']:.4f} bpp {val['bpp']:.3f} psnr {val['psnr']:.2f}{' (best)' if improved else ''}"
+                    )
+                    if improved:
+                        self.save_checkpoint(self.out / "best_checkpoint.pth", update_tables=True)
+                if finished and args.save_every and s.epoch % args.save_every == 0:
+                    self.save_checkpoint(self.out / f"checkpoint_{epoch}.pth")
+                self.save_checkpoint(self.out / "last_checkpoint.pth")
+        except KeyboardInterrupt:
+            self.log.info(f"interrupted at step {s.step}: saving {self.out / 'last_checkpoint.pth'}")
+            self.save_checkpoint(self.out / "last_checkpoint.pth")
+            raise
+        finally:
+            if self.writer:
+                self.writer.close()
+        self.log.info(f"done: step {s.step}, epoch {s.epoch}, best validation loss {s.best_loss:.4f}")
+        return {"step": s.step, "epoch": s.epoch, "best_loss": s.best_loss, "elapsed_seconds": s.elapsed,
+                **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
+
+
+def setup_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def main(argv: list[str]) -> dict:
+    args = parse_args(argv)
+    try:
+        trainer = Trainer(args)
+        return trainer.fit()
+    except (TrainingDiverged, lic_common.CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
