@@ -1,0 +1,161 @@
+"""The student decoder recipe (finetune_after_distill.py)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from compressai.models import FactorizedPrior
+
+import finetune_after_distill as fd
+import lic_common
+from conftest import write_image
+
+
+@pytest.fixture
+def teacher_ckpt(tmp_path):
+    """A tiny bmshj2018-factorized saved as CompressAI's training script saves it."""
+    torch.manual_seed(0)
+    teacher = FactorizedPrior(8, 12)
+    path = tmp_path / "teacher.pth"
+    lic_common.save_checkpoint({"state_dict": teacher.state_dict()}, path)
+    return path
+
+
+@pytest.fixture
+def teacher(teacher_ckpt):
+    return fd.load_teacher(fd.parse_args(["eval", "--data_path", "x", "--teacher_checkpoint", str(teacher_ckpt)]))
+
+
+def test_replacement_reaches_every_transposed_conv_of_g_s_and_nothing_else(teacher):
+    student = fd.make_student(teacher)
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in student.g_s.modules())
+    assert sum(isinstance(m, fd.UpsampleConv) for m in student.g_s) == sum(isinstance(m, nn.ConvTranspose2d) for m in teacher.g_s) == 4
+    # everything outside g_s is untouched, and identical to the teacher
+    for name, p in teacher.named_parameters():
+        if not name.startswith("g_s."):
+            assert torch.equal(p, dict(student.named_parameters())[name]), name
+    assert not any(isinstance(m, fd.UpsampleConv) for m in student.g_a.modules())
+    for h, w in ((33, 47), (64, 64), (17, 90)):
+        x = torch.rand(1, 3, h, w)
+        with torch.no_grad():
+            assert teacher(x)["x_hat"].shape == student(x)["x_hat"].shape
+
+
+def test_initialisation_is_the_least_squares_match():
+    torch.manual_seed(0)
+    t = nn.ConvTranspose2d(6, 5, 5, stride=2, padding=2, output_padding=1)
+    new = fd.upsample_conv_like(t)
+    x = torch.randn(4, 6, 12, 12)
+    err = (t(x) - new(x)).norm() / t(x).norm()
+    random_err = (t(x) - fd.UpsampleConv(6, 5)(x)).norm() / t(x).norm()
+    assert err < 0.6 < 1.5 < random_err  # the best any upsample+conv can do on white inputs is ~0.55
+    # least squares: a small step in any direction does not reduce the error on white inputs
+    with torch.no_grad():
+        base = (t(x) - new(x)).pow(2).sum()
+        new[1].weight.add_(torch.randn_like(new[1].weight) * 1e-3)
+        assert (t(x) - new(x)).pow(2).sum() >= base * 0.999
+
+
+@pytest.mark.parametrize(
+    "stage,flags,expected",
+    [
+        ("distill", {}, {"conv"}),
+        ("distill", {"train_igdn": True}, {"conv", "igdn"}),
+        ("distill", {"unfreeze_all": True}, {"conv", "igdn", "g_a", "entropy"}),
+        ("finetune", {}, {"conv", "igdn"}),
+        ("finetune", {"freeze_igdn": True}, {"conv"}),
+    ],
+)
+def test_which_parameters_train(teacher, stage, flags, expected):
+    student = fd.make_student(teacher)
+    names = fd.set_trainable(student, stage, **flags)
+    kinds = set()
+    for n in names:
+        if n.startswith("g_s."):
+            kinds.add("conv" if isinstance(student.g_s[int(n.split(".")[1])], fd.UpsampleConv) else "igdn")
+        else:
+            kinds.add("g_a" if n.startswith("g_a.") else "entropy")
+    assert kinds == expected
+    assert all(p.requires_grad == (n in names) for n, p in student.named_parameters())
+
+
+def test_split_is_deterministic_across_runs_and_machines(tmp_path):
+    names = [f"{i:012d}.jpg" for i in range(200)]
+    val = [n for n in names if fd.is_validation(n, 0.05)]
+    # fixed by MD5 of the name (md5("000000000029.jpg") starts 08e5..., 0.035 < 0.05): the same on
+    # any machine and Python version, unlike hash() or a seeded shuffle
+    assert val == ["000000000029.jpg", "000000000040.jpg", "000000000052.jpg", "000000000077.jpg",
+                   "000000000124.jpg", "000000000190.jpg"]  # fmt: skip
+    assert [n for n in names if fd.is_validation(n, 0.05)] == val
+
+
+def test_distill_finetune_eval_end_to_end(tmp_path, teacher_ckpt, image_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default save dirs are relative: ./checkpoints, ./checkpoints_ft
+    for i in range(6, 12):
+        write_image(image_dir / f"more{i}.png", (80, 72), seed=i)
+    t = ["--teacher_checkpoint", str(teacher_ckpt)]
+    fd.main(["prepare", "--coco_dir", str(image_dir), "--out_dir", "d64", "--crop_size", "64", "--val_ratio", "0.3", "--no-progress"])
+    n_val = len(list((tmp_path / "d64" / "val").iterdir()))
+    assert n_val >= 1 and len(list((tmp_path / "d64" / "train").iterdir())) == 12 - n_val
+    common = ["--coco_dir", "d64", "--crop_size", "64", "--batch_size", "4", "--num_workers", "0", "--no-progress",
+              "--recon_every", "2", "--recon_count", "3", "--lr", "1e-3", *t]  # fmt: skip
+    fd.main(["distill", *common, "--epochs", "4"])
+    ck = tmp_path / "checkpoints"
+    assert (ck / "last.pt").is_file() and (ck / "best_msssim.pt").is_file()
+    tags = sorted(p.name for p in (ck / "recon").iterdir())
+    assert tags == ["e001", "e003", "pre_e000"]
+    assert sorted(p.name for p in (ck / "recon" / "e003").iterdir()) == [f"{i:05d}.png" for i in range(min(3, n_val))]
+    assert list((ck / "tensorboard" / "distill").glob("events.*"))
+
+    # --resume continues the stage where it stopped
+    resumed = fd.main(["distill", *common, "--epochs", "5", "--resume"])
+    assert lic_common.load_checkpoint(ck / "last.pt")["epoch"] == 4 and "best_msssim" in resumed
+
+    # after distill with default flags, the student decodes the teacher's bitstreams
+    teacher = fd.load_teacher(fd.parse_args(["eval", "--data_path", "x", *t]))
+    student = fd.make_student(teacher)
+    student.load_state_dict(lic_common.load_checkpoint(ck / "best_msssim.pt")["student"])
+    student.update(force=True)
+    x = lic_common.load_image(image_dir / "more6.png")[None][..., :64, :64]
+    with torch.no_grad():
+        enc = teacher.compress(x)
+        y_teacher = teacher.entropy_bottleneck.decompress(enc["strings"][0], enc["shape"])
+        y_student = student.entropy_bottleneck.decompress(enc["strings"][0], enc["shape"])
+        x_student = student.decompress(enc["strings"], enc["shape"])["x_hat"]
+    assert torch.equal(y_teacher, y_student) and x_student.shape == x.shape
+
+    fd.main(["finetune", *common, "--epochs", "2"])
+    ft = tmp_path / "checkpoints_ft"
+    assert (ft / "ft_last.pt").is_file() and (ft / "ft_best.pt").is_file()
+    assert sorted(p.name for p in (ft / "recon_ft").iterdir()) == ["e001", "pre_e000"]
+
+    result = fd.main(["eval", "--data_path", str(image_dir), "--checkpoint", str(ft / "ft_best.pt"), *t,
+                      "--output", str(tmp_path / "eval.json")])  # fmt: skip
+    assert result["student_decodes_teacher_bitstreams"] is True
+    assert result["bpp"] > 0 and {"teacher_checkerboard_db", "student_checkerboard_db", "student_vs_teacher_psnr"} <= result.keys()
+    assert json.loads((tmp_path / "eval.json").read_text())["mean"]["bpp"] == result["bpp"]
+
+
+def test_checkerboard_energy_sees_a_checkerboard():
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 64, 64)
+    noise = x + 0.02 * torch.randn_like(x)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    board = x + 0.02 * ((yy + xx) % 2 * 2 - 1).float()
+    assert abs(fd.checkerboard_energy(x, noise)) < 1.5
+    assert fd.checkerboard_energy(x, board) > 10
+
+
+def test_unfreeze_all_says_it_breaks_bitstream_compatibility(tmp_path, teacher_ckpt, image_dir, capsys):
+    fd.main(["distill", "--coco_dir", str(image_dir), "--use_prepared", "false", "--crop_size", "64", "--batch_size", "4",
+             "--num_workers", "0", "--no-progress", "--epochs", "1", "--unfreeze_all", "--save_dir", str(tmp_path / "c"),
+             "--teacher_checkpoint", str(teacher_ckpt), "--val_ratio", "0.3"])  # fmt: skip
+    assert "no longer decode the teacher's bitstreams" in capsys.readouterr().out
+
+
+def test_wrong_teacher_checkpoint_is_a_clear_error(tmp_path, capsys):
+    lic_common.save_checkpoint({"architecture": "mbt2018", "state_dict": {}}, tmp_path / "t.pth")
+    with pytest.raises(SystemExit):
+        fd.main(["eval", "--data_path", str(tmp_path), "--teacher_checkpoint", str(tmp_path / "t.pth")])
+    assert "the teacher is bmshj2018-factorized" in capsys.readouterr().err
