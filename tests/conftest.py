@@ -88,3 +88,16 @@ def image_dir(tmp_path) -> Path:
     for i in range(6):
         write_image(tmp_path / "imgs" / f"sub{i % 2}" / f"im{i}.{'png' if i % 3 else 'jpg'}", (72, 80), seed=i)
     return tmp_path / "imgs"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny random CLIP vision tower shaped like ViT-L/14-336's token grid (24x24) but 32 wide."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    root = tmp_path_factory.mktemp("tiny-clip")
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=48, patch_size=2)
+    CLIPVisionModel(config).save_pretrained(root)
+    CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(root)
+    return root
