@@ -350,13 +350,17 @@ def plot_rd(curves: dict[str, dict], path: Path, published: list[dict] = (), tit
     plt.close(fig)
 
 
-def write_outputs(results: list[ImageResult], args: argparse.Namespace) -> dict:
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "per_image.csv", "w", newline="") as f:
+def write_per_image_csv(results: list[ImageResult], path: Path) -> None:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
         writer.writeheader()
         writer.writerows(asdict(r) for r in results)
+
+
+def write_outputs(results: list[ImageResult], args: argparse.Namespace) -> dict:
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_per_image_csv(results, out / "per_image.csv")
     curves = curves_from_results(results)
     for label, c in curves.items():
         (out / f"{label}.json").write_text(json.dumps(c, indent=2))

@@ -115,20 +115,31 @@ class ImageFolderCrops(Dataset):
     first upscaled so that its shorter side equals the crop size.
     """
 
-    def __init__(self, files: list[Path], crop: int, train: bool):
+    def __init__(self, files: list[Path], crop: int, train: bool, cache_mb: float = 0):
         self.files, self.crop, self.train = files, crop, train
         self.bad: set[Path] = set()
+        # decoded images kept in memory (8-bit, per worker) up to cache_mb: a small crop of a
+        # large PNG otherwise costs a full decode every time
+        self.cache: dict[int, torch.Tensor] = {}
+        self.cache_bytes, self.cache_limit = 0, cache_mb * 2**20
 
     def __len__(self) -> int:
         return len(self.files)
 
     def _load(self, index: int) -> torch.Tensor:
         for offset in range(len(self.files)):
-            path = self.files[(index + offset) % len(self.files)]
+            i = (index + offset) % len(self.files)
+            path = self.files[i]
+            if i in self.cache:
+                return self.cache[i].float().div_(255)
             if path in self.bad:
                 continue
             try:
-                return lic_common.load_image(path)
+                x = lic_common.load_image(path)
+                if self.cache_bytes + x.numel() <= self.cache_limit:
+                    self.cache[i] = lic_common.to_uint8(x)
+                    self.cache_bytes += x.numel()
+                return x
             except lic_common.ImageError as e:
                 self.bad.add(path)
                 warnings.warn(f"skipping {e}", stacklevel=2)
@@ -295,6 +306,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--epoch_size", type=int, default=0, help="random crops per epoch (0: one per training image)")
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no step budget)")
     g.add_argument("--time_budget", type=float, default=0.0, help="stop after this many minutes of training (0: none)")
+    g.add_argument("--budget_clock", default="wall", choices=("wall", "process"), help="what --time_budget counts: wall time, or this process's CPU time (all threads; steady when other work shares the machine)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA (ignored on the CPU)")
     g.add_argument("--amp_dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype on CUDA")
 
@@ -305,6 +317,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--image_size", type=int, default=256, help="training crop size")
     g.add_argument("--val_image_size", type=int, default=256, help="validation centre-crop size")
     g.add_argument("--num_workers", type=int, default=2, help="data-loading workers per process")
+    g.add_argument("--cache_images_mb", type=float, default=1024, help="decoded images kept in memory per worker (MB, 8-bit; 0: none)")
 
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default="./outputs", help="everything the run writes goes here")
@@ -332,7 +345,7 @@ class RunState:
     batches_done: int = 0  # of the current epoch, when interrupted mid-epoch
     step: int = 0
     best_loss: float = math.inf
-    elapsed: float = 0.0  # seconds of training, for --time_budget
+    elapsed: float = 0.0  # seconds of training on --budget_clock, for --time_budget
 
 
 class TrainingDiverged(RuntimeError):
@@ -389,8 +402,8 @@ class Trainer:
             train_files, val_files = files, lic_common.list_images(args.val_data_path)
         else:
             train_files, val_files = split_files(files, args.val_fraction)
-        train_set = ImageFolderCrops(train_files, args.image_size, train=True)
-        val_set = ImageFolderCrops(val_files, args.val_image_size, train=False)
+        train_set = ImageFolderCrops(train_files, args.image_size, train=True, cache_mb=args.cache_images_mb)
+        val_set = ImageFolderCrops(val_files, args.val_image_size, train=False, cache_mb=args.cache_images_mb)
         epoch_size = args.epoch_size or len(train_files)
         self.sampler = SeededSampler(len(train_files), epoch_size, args.seed, self.rank, self.world)
         val_sampler = SeededSampler(len(val_files), len(val_files), 0, self.rank, self.world, shuffle=False)
@@ -491,7 +504,8 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}", disable=not (self.is_main and self.args.progress),
                    initial=self.state.batches_done, total=len(self.train_loader), dynamic_ncols=True, leave=False)  # fmt: skip
         sums, count = {}, 0
-        tick = time.perf_counter()
+        clock = time.process_time if self.args.budget_clock == "process" else time.perf_counter
+        tick = clock()
         for x in bar:
             self.rng_snapshot = lic_common.rng_state()  # what an interrupted step resumes from
             x = x.to(self.device, non_blocking=True)
@@ -516,7 +530,7 @@ class Trainer:
             aux_loss.backward()
             self.aux_optimizer.step()
 
-            now = time.perf_counter()
+            now = clock()
             self.state.elapsed += now - tick
             tick = now
             self.state.step += 1

@@ -1,0 +1,186 @@
+"""Rate-distortion benchmark on Kodak, every curve measured in the same run.
+
+Trains, with the project's own training script and under one fixed budget per rate point:
+- the from-scratch diffusion-hyperprior codec ("diffusion-hyperprior");
+- the same codec with the diffusion switched off, trained that way ("no-diffusion");
+- CompressAI's bmshj2018-hyperprior of the same N / M ("bmshj2018-hyperprior");
+then measures them on Kodak with real bitstreams, together with the diffusion checkpoints decoded
+with 0 DDIM steps ("diffusion-hyperprior@0steps": what the U-Net itself contributes) and JPEG,
+WebP and AVIF through Pillow. Prints BD-rates against JPEG, WebP and the hyperprior, and writes
+``rd_kodak.json``, ``per_image.csv`` and ``rd_plot.png`` into ``--results_dir``.
+
+Training runs are resumable (their training time is kept in the checkpoint, so an interrupted
+run continues to the same budget) and finished runs and evaluations are cached: the command can
+be run again, over several sittings, and only does what is missing.
+
+    python benchmarks/rd_benchmark.py --train_data ../shared/data/train --kodak ../shared/data/kodak
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import bk_sdm_compression as bk  # noqa: E402
+import evaluate_bk_sdm_compression as ev  # noqa: E402
+import lic_common  # noqa: E402
+import train_bk_sdm_compression as tr  # noqa: E402
+
+CURVES = ("diffusion-hyperprior", "no-diffusion", "bmshj2018-hyperprior")
+
+
+def curve_flags(curve: str, args: argparse.Namespace) -> list[str]:
+    if curve == "bmshj2018-hyperprior":
+        return ["--model", "bmshj2018-hyperprior"]
+    steps = args.diffusion_steps if curve == "diffusion-hyperprior" else 0
+    return ["--diffusion_steps", str(steps), "--unet_channels", str(args.unet_channels), "--diffusion_weight", str(args.diffusion_weight)]
+
+
+def run_dir(args, curve: str, lam: float) -> Path:
+    return Path(args.runs_dir) / curve / f"lambda{lam:g}"
+
+
+def train_point(args: argparse.Namespace, curve: str, lam: float) -> dict:
+    """Train one rate point to its budget (resuming if it was interrupted); cached in done.json."""
+    out = run_dir(args, curve, lam)
+    done = out / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    argv = ["--data_path", args.train_data, "--output_dir", str(out), "--N", str(args.N), "--M", str(args.M),
+            "--lambda_rate", str(lam), "--image_size", str(args.image_size), "--batch_size", str(args.batch_size),
+            "--lr", str(args.lr), "--warmup_steps", str(args.warmup_steps), "--epochs", "1000000",
+            "--epoch_size", str(args.epoch_size), "--time_budget", str(args.budget_minutes),
+            "--budget_clock", args.budget_clock, "--num_workers", "0", "--seed", str(args.seed),
+            "--save_every", "0", "--no-progress", *curve_flags(curve, args)]  # fmt: skip
+    if (out / "last_checkpoint.pth").is_file():
+        argv += ["--resume", "last"]
+    print(f"== training {curve}, lambda_rate {lam:g}: {args.budget_minutes} {args.budget_clock}-clock minutes", flush=True)
+    result = tr.main(argv)
+    result["command"] = "python train_bk_sdm_compression.py " + " ".join(argv)
+    done.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def codecs_to_measure(args, device) -> list[ev.Codec]:
+    codecs: list[ev.Codec] = []
+    for curve in CURVES:
+        for lam in args.lambdas:
+            ckpt = run_dir(args, curve, lam) / "best_checkpoint.pth"
+            if not (run_dir(args, curve, lam) / "done.json").is_file():
+                continue
+            point = f"lambda{lam:g}"
+            if curve == "bmshj2018-hyperprior":
+                model = ev.load_learned(str(ckpt), argparse.Namespace(bk_sdm_path=None, diffusion_steps=None))
+                codecs.append(ev.LearnedCodec(curve, point, model, device))
+                continue
+            codecs.append(ev.LearnedCodec(curve, point, bk.load_codec(ckpt)[0], device))
+            if curve == "diffusion-hyperprior":
+                codecs.append(ev.LearnedCodec(f"{curve}@0steps", point, bk.load_codec(ckpt, diffusion_steps=0)[0], device))
+    for name in ("jpeg", "webp", "avif"):
+        codecs += [ev.PillowCodec(name, q) for q in ev.DEFAULT_QUALITIES[name]]
+    return codecs
+
+
+def measure(args, device) -> list[ev.ImageResult]:
+    """Every codec on every Kodak image, each codec's results cached by its checkpoint's mtime."""
+    cache_path = Path(args.results_dir) / "eval_cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    files = lic_common.list_images(args.kodak)[: args.max_images or None]
+    results = []
+    for codec in codecs_to_measure(args, device):
+        key = f"{codec.label}|{codec.point}|{len(files)}"
+        if isinstance(codec, ev.LearnedCodec):
+            lam = codec.point.removeprefix("lambda")
+            ckpt = run_dir(args, codec.label.split("@")[0], float(lam)) / "best_checkpoint.pth"
+            key += f"|{ckpt.stat().st_mtime_ns}"
+        if key not in cache:
+            eval_args = argparse.Namespace(batch_size=1, save_samples=False, output_dir=args.results_dir)
+            cache[key] = [asdict(r) for r in ev.evaluate([codec], files, eval_args, device)]
+            cache_path.write_text(json.dumps(cache))
+        results += [ev.ImageResult(**r) for r in cache[key]]
+    return results
+
+
+def report(results: list[ev.ImageResult], args) -> dict:
+    curves = ev.curves_from_results(results)
+    anchors = [a for a in ("jpeg", "webp", "bmshj2018-hyperprior", "no-diffusion") if a in curves]
+    bd = {anchor: ev.bd_rates(curves, anchor) for anchor in anchors}
+    ours = [r for r in results if r.curve == "diffusion-hyperprior"]
+    overhead = float(np.mean([r.bpp / r.bpp_estimate - 1 for r in ours])) if ours else None
+    summary = {
+        "images": sorted({r.image for r in results}),
+        "budget": f"{args.budget_minutes} minutes ({args.budget_clock} clock) per rate point",
+        "lambdas": args.lambdas, "curves": curves, "bd_rate": bd,
+        "real_over_estimate_bits": overhead,
+        "roundtrip_mismatches": sum(r.roundtrip_matches_forward is False for r in results),
+        "torch_threads": torch.get_num_threads(),
+    }  # fmt: skip
+    out = Path(args.results_dir)
+    (out / "rd_kodak.json").write_text(json.dumps(summary, indent=2))
+    ev.write_per_image_csv(results, out / "per_image.csv")
+    ev.plot_rd(curves, out / "rd_plot.png", title=f"Kodak ({len(summary['images'])} images), {summary['budget']}")
+
+    print(f"\n{'curve':<30}" + "".join(f"{'point':>14}{'bpp':>8}{'PSNR':>8}{'MS-SSIM':>9}" for _ in [0]))
+    for label, c in curves.items():
+        r = c["results"]
+        for i, point in enumerate(r["points"]):
+            print(f"{label:<30}{point:>14}{r['bpp'][i]:>8.4f}{r['psnr-rgb'][i]:>8.2f}{r['ms-ssim-rgb'][i]:>9.4f}")
+    for anchor, table in bd.items():
+        print(f"\nBD-rate against {anchor} (negative: fewer bits at equal quality)")
+        for label, v in table.items():
+            if label != anchor:
+                print(f"  {label:<30} PSNR {v['bd_rate_psnr']:+8.2f}%   MS-SSIM {v['bd_rate_ms_ssim']:+8.2f}%")
+    if overhead is not None:
+        print(f"\nreal file bits over the likelihood estimate (diffusion-hyperprior, headers included): {overhead:+.2%}")
+    return summary
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--train_data", default=str(ROOT.parent / "shared" / "data" / "train"), help="training images")
+    p.add_argument("--kodak", default=str(ROOT.parent / "shared" / "data" / "kodak"), help="evaluation images")
+    p.add_argument("--runs_dir", default=str(ROOT / "benchmarks" / "runs"), help="training runs (resumable)")
+    p.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"), help="figures and the evaluation cache")
+    p.add_argument("--budget_minutes", type=float, default=30.0, help="training budget per rate point")
+    p.add_argument("--budget_clock", default="process", choices=("wall", "process"), help="wall time, or the process's CPU time")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[2.3e-3, 1.2e-3, 6.2e-4], help="lambda_rate of the rate points (CompressAI q3, q4, q5)")
+    p.add_argument("--curves", nargs="+", default=list(CURVES), choices=CURVES, help="which learned curves to train")
+    p.add_argument("--N", type=int, default=64, help="channels (all learned models)")
+    p.add_argument("--M", type=int, default=96, help="latent channels (all learned models)")
+    p.add_argument("--diffusion_steps", type=int, default=2, help="DDIM steps of the diffusion curve")
+    p.add_argument("--unet_channels", type=int, default=32, help="U-Net width")
+    p.add_argument("--diffusion_weight", type=float, default=1.0, help="weight of the denoising loss")
+    p.add_argument("--image_size", type=int, default=64, help="training crop")
+    p.add_argument("--batch_size", type=int, default=16, help="batch size")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (warm-up, then cosine over the budget)")
+    p.add_argument("--warmup_steps", type=int, default=200, help="learning-rate warm-up")
+    p.add_argument("--epoch_size", type=int, default=1600, help="crops per epoch (validation after each)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--max_images", type=int, default=0, help="evaluate on the first N Kodak images only (0: all 24)")
+    p.add_argument("--no_training", action="store_true", help="only evaluate the runs already finished")
+    return p.parse_args(argv)
+
+
+def main(argv) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    Path(args.results_dir).mkdir(parents=True, exist_ok=True)
+    if not args.no_training:
+        for lam in args.lambdas:
+            for curve in args.curves:
+                train_point(args, curve, lam)
+    return report(measure(args, torch.device("cpu")), args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,202 @@
+"""Speed benchmark: the codec with and without its diffusion against CompressAI's hyperprior.
+
+Interleaved in one run, on the same images and device:
+- encode and decode time per Kodak image (real bitstreams: our complete file; CompressAI's
+  strings), and peak memory of one encode + decode of the largest image, each model in a fresh
+  child process (CPU: its peak resident set size; CUDA: peak allocated);
+- the U-Net's cost per DDIM step at Kodak's latent size;
+- training throughput (images / s) of each model under the same loop (forward, rate-distortion
+  loss, backward, both optimizers) on random crops.
+Ratios are against ``bmshj2018-hyperprior`` of the same N / M. Models are the benchmark's trained
+checkpoints when given (``--checkpoint``, ``--hyperprior_checkpoint``), else freshly initialised
+ones (entropy coding time depends on the rate, so trained checkpoints give the honest figures).
+
+    python benchmarks/speed_benchmark.py --kodak ../shared/data/kodak \
+        --checkpoint benchmarks/runs/diffusion-hyperprior/lambda0.0012/best_checkpoint.pth \
+        --hyperprior_checkpoint benchmarks/runs/bmshj2018-hyperprior/lambda0.0012/best_checkpoint.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import bk_sdm_compression as bk  # noqa: E402
+import evaluate_bk_sdm_compression as ev  # noqa: E402
+import lic_common  # noqa: E402
+import train_bk_sdm_compression as tr  # noqa: E402
+
+REFERENCE = "bmshj2018-hyperprior"
+
+
+def build_models(args) -> dict[str, torch.nn.Module]:
+    """The three models: ours with its diffusion steps, the same weights with 0 steps, CompressAI's."""
+    if args.checkpoint:
+        ours = bk.load_codec(args.checkpoint)[0]
+        ours_0 = bk.load_codec(args.checkpoint, diffusion_steps=0)[0]
+    else:
+        torch.manual_seed(0)
+        ours = bk.create_diffusion_hyperprior_model(args.N, args.M, args.diffusion_steps, unet_channels=args.unet_channels)
+        ours_0 = bk.create_diffusion_hyperprior_model(args.N, args.M, args.diffusion_steps, unet_channels=args.unet_channels)
+        ours_0.load_state_dict(ours.state_dict())
+        ours_0.set_inference_steps(0)
+        for m in (ours, ours_0):
+            m.update(force=True)
+    if args.hyperprior_checkpoint:
+        hp = ev.load_learned(args.hyperprior_checkpoint, argparse.Namespace(bk_sdm_path=None, diffusion_steps=None))
+    else:
+        from compressai.models import ScaleHyperprior
+
+        hp = ScaleHyperprior(args.N, args.M)
+        hp.update(force=True)
+    return {f"ours ({ours.inference_steps} steps)": ours.eval(), "ours (0 steps)": ours_0.eval(), REFERENCE: hp.eval()}
+
+
+def coding_times(models: dict, images: list[torch.Tensor], repeats: int, device) -> dict:
+    """Median encode / decode seconds per image, models interleaved image by image."""
+    codecs = {name: ev.LearnedCodec(name, "", m, device) for name, m in models.items()}
+    times = {name: {"encode": [], "decode": [], "bytes": []} for name in models}
+    for _ in range(repeats):
+        for x in images:
+            for name, codec in codecs.items():
+                data, _, t_enc, t_dec = codec.code(x)
+                times[name]["encode"].append(t_enc)
+                times[name]["decode"].append(t_dec)
+                times[name]["bytes"].append(len(data))
+    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+
+
+def _memory_child(args, name, x, queue):
+    torch.set_num_threads(args.threads)
+    models = build_models(args)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ev.LearnedCodec(name, "", models[name], torch.device("cpu")).code(x)
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def peak_memory_mb(args, names, x, device) -> dict:
+    """Peak memory added by one encode + decode of ``x``, each model in its own process (CPU)."""
+    if device.type == "cuda":
+        out = {}
+        models = build_models(args)
+        for name in names:
+            torch.cuda.reset_peak_memory_stats(device)
+            ev.LearnedCodec(name, "", models[name], device).code(x)
+            out[name] = torch.cuda.max_memory_allocated(device) / 2**20
+        return out
+    ctx = mp.get_context("spawn")
+    out = {}
+    for name in names:
+        q = ctx.Queue()
+        p = ctx.Process(target=_memory_child, args=(args, name, x, q))
+        p.start()
+        out[name] = q.get(timeout=600)
+        p.join()
+    return out
+
+
+def unet_step_seconds(model: bk.DiffusionHyperprior, x: torch.Tensor, repeats: int) -> float | None:
+    if model.unet is None:
+        return None
+    with torch.no_grad():
+        y = model.g_a(model._pad(x[None]))
+        cond = torch.cat([y, y], 1)
+        t = torch.zeros(1, dtype=torch.long)
+        model._predict_noise(y, t, cond)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model._predict_noise(y, t, cond)
+    return (time.perf_counter() - start) / repeats
+
+
+def training_throughput(args, models: dict, steps: int) -> dict:
+    """Images per second of forward + loss + backward + both optimizer steps, interleaved."""
+    crit = tr.RateDistortionLoss(1e-3)
+    state = {}
+    for name, m in models.items():
+        if name == "ours (0 steps)" and args.checkpoint is None:
+            m = bk.create_diffusion_hyperprior_model(args.N, args.M, 0)  # trained without diffusion
+        m = m.train()
+        main, aux = tr.split_parameters(m)
+        state[name] = (m, torch.optim.Adam(main, 1e-4), torch.optim.Adam(aux, 1e-3), [])
+    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
+    for step in range(steps + 2):
+        for name, (m, opt, aux_opt, times) in state.items():
+            start = time.perf_counter()
+            loss = crit(m(x), x)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            aux_loss = m.aux_loss()
+            aux_opt.zero_grad()
+            aux_loss.backward()
+            aux_opt.step()
+            if step >= 2:  # two warm-up steps
+                times.append(time.perf_counter() - start)
+    return {name: args.batch_size / statistics.median(t) for name, (_, _, _, t) in state.items()}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--kodak", default=str(ROOT.parent / "shared" / "data" / "kodak"), help="images to code")
+    p.add_argument("--checkpoint", default=None, help="trained diffusion-hyperprior checkpoint (else a fresh model)")
+    p.add_argument("--hyperprior_checkpoint", default=None, help="trained bmshj2018-hyperprior checkpoint (else a fresh model)")
+    p.add_argument("--N", type=int, default=64, help="channels of fresh models")
+    p.add_argument("--M", type=int, default=96, help="latent channels of fresh models")
+    p.add_argument("--diffusion_steps", type=int, default=2, help="DDIM steps of a fresh model")
+    p.add_argument("--unet_channels", type=int, default=32, help="U-Net width of a fresh model")
+    p.add_argument("--max_images", type=int, default=6, help="Kodak images coded (0: all 24)")
+    p.add_argument("--repeats", type=int, default=2, help="passes over the images (medians are reported)")
+    p.add_argument("--train_steps", type=int, default=10, help="timed training steps per model")
+    p.add_argument("--batch_size", type=int, default=16, help="training batch")
+    p.add_argument("--image_size", type=int, default=64, help="training crop")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "speed.json"), help="JSON with every figure")
+    return p.parse_args(argv)
+
+
+def main(argv) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    models = build_models(args)
+    images = [lic_common.load_image(p) for p in lic_common.list_images(args.kodak)[: args.max_images or None]]
+    coding = coding_times(models, images, args.repeats, device)
+    memory = peak_memory_mb(args, list(models), images[0], device)
+    ours = next(iter(models.values()))
+    unet = unet_step_seconds(ours.cpu(), images[0], 5) if device.type == "cpu" else None
+    throughput = training_throughput(args, {k: v.cpu() for k, v in build_models(args).items()}, args.train_steps) if device.type == "cpu" else {}
+    ref = coding[REFERENCE]
+    result = {
+        "device": str(device), "threads": args.threads, "images": len(images), "checkpoints": [args.checkpoint, args.hyperprior_checkpoint],
+        "coding": coding, "peak_memory_mb": memory, "unet_seconds_per_step": unet, "training_images_per_second": throughput,
+        "ratios_vs_" + REFERENCE: {name: {"encode": c["encode"] / ref["encode"], "decode": c["decode"] / ref["decode"],
+                                          "training": (throughput[REFERENCE] / throughput[name]) if throughput else None}
+                                   for name, c in coding.items()},
+    }  # fmt: skip
+    print(f"{'model':<22}{'encode s':>10}{'decode s':>10}{'enc ratio':>11}{'dec ratio':>11}{'peak MB':>9}{'train img/s':>13}")
+    for name, c in coding.items():
+        r = result["ratios_vs_" + REFERENCE][name]
+        print(f"{name:<22}{c['encode']:>10.3f}{c['decode']:>10.3f}{r['encode']:>11.2f}{r['decode']:>11.2f}"
+              f"{memory[name]:>9.0f}{throughput.get(name, float('nan')):>13.1f}")  # fmt: skip
+    if unet:
+        print(f"U-Net: {unet * 1000:.1f} ms per DDIM step at the latent size of a {images[0].shape[-1]}x{images[0].shape[-2]} image")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end at tiny sizes, cache their work and report what they say."""
+
+import json
+import sys
+
+from conftest import ROOT, write_image
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
+    import rd_benchmark
+
+    kodak = tmp_path / "kodak"
+    for i in range(2):
+        write_image(kodak / f"kodim0{i}.png", (64, 96), seed=10 + i)
+    argv = ["--train_data", str(image_dir), "--kodak", str(kodak), "--runs_dir", str(tmp_path / "runs"),
+            "--results_dir", str(tmp_path / "results"), "--budget_minutes", "0.005", "--lambdas", "1e-2", "1e-3",
+            "--N", "8", "--M", "8", "--unet_channels", "8", "--batch_size", "2", "--epoch_size", "4",
+            "--warmup_steps", "1", "--threads", "1"]  # fmt: skip
+    summary = rd_benchmark.main(argv)
+    assert set(summary["curves"]) == {"diffusion-hyperprior", "diffusion-hyperprior@0steps", "no-diffusion",
+                                      "bmshj2018-hyperprior", "jpeg", "webp", "avif"}  # fmt: skip
+    assert len(summary["curves"]["diffusion-hyperprior"]["results"]["bpp"]) == 2
+    assert {"jpeg", "webp", "bmshj2018-hyperprior", "no-diffusion"} <= set(summary["bd_rate"])
+    assert (tmp_path / "results" / "rd_plot.png").is_file()
+    done = json.loads((tmp_path / "runs" / "no-diffusion" / "lambda0.001" / "done.json").read_text())
+    assert "--diffusion_steps 0" in done["command"] and done["elapsed_seconds"] >= 0.3
+    # a second call trains nothing and re-measures nothing: everything comes from the caches
+    stamp = (tmp_path / "runs" / "no-diffusion" / "lambda0.001" / "best_checkpoint.pth").stat().st_mtime_ns
+    cache = (tmp_path / "results" / "eval_cache.json").stat().st_mtime_ns
+    assert json.dumps(rd_benchmark.main(argv)["curves"]) == json.dumps(summary["curves"])  # NaN-safe
+    assert (tmp_path / "runs" / "no-diffusion" / "lambda0.001" / "best_checkpoint.pth").stat().st_mtime_ns == stamp
+    assert (tmp_path / "results" / "eval_cache.json").stat().st_mtime_ns == cache
+
+
+def test_speed_benchmark_reports_ratios(tmp_path):
+    import speed_benchmark
+
+    kodak = tmp_path / "kodak"
+    write_image(kodak / "a.png", (64, 64))
+    result = speed_benchmark.main(["--kodak", str(kodak), "--N", "8", "--M", "8", "--unet_channels", "8", "--repeats", "1",
+                                   "--train_steps", "1", "--batch_size", "2", "--threads", "1", "--output", str(tmp_path / "s.json")])  # fmt: skip
+    ratios = result["ratios_vs_bmshj2018-hyperprior"]
+    assert ratios["bmshj2018-hyperprior"]["encode"] == 1.0 and set(ratios) == set(result["peak_memory_mb"])
+    assert result["unet_seconds_per_step"] > 0 and all(v > 0 for v in result["training_images_per_second"].values())
+    assert json.loads((tmp_path / "s.json").read_text())["coding"] == result["coding"]
