@@ -35,7 +35,7 @@ import evaluate_bk_sdm_compression as ev  # noqa: E402
 import lic_common  # noqa: E402
 import train_bk_sdm_compression as tr  # noqa: E402
 
-CURVES = ("diffusion-hyperprior", "no-diffusion", "bmshj2018-hyperprior")
+CURVES = ("diffusion-hyperprior", "bmshj2018-hyperprior", "no-diffusion")  # training order within a rate point
 
 
 def curve_flags(curve: str, args: argparse.Namespace) -> list[str]:
@@ -66,8 +66,18 @@ def train_point(args: argparse.Namespace, curve: str, lam: float) -> dict:
     print(f"== training {curve}, lambda_rate {lam:g}: {args.budget_minutes} {args.budget_clock}-clock minutes", flush=True)
     result = tr.main(argv)
     result["command"] = "python train_bk_sdm_compression.py " + " ".join(argv)
+    if curve == "diffusion-hyperprior":
+        result["reference_checkpoint"] = str(export_reference(out / "best_checkpoint.pth", Path(args.reference_dir), lam))
     done.write_text(json.dumps(result, indent=2))
     return result
+
+
+def export_reference(ckpt: Path, folder: Path, lam: float) -> Path:
+    """A slim copy of a codec checkpoint (model and config, no optimizer state) to ship."""
+    state = lic_common.load_checkpoint(ckpt)
+    path = folder / f"diffusion-hyperprior-lambda{lam:g}.pth"
+    lic_common.save_checkpoint({k: state[k] for k in ("architecture", "config", "state_dict")}, path)
+    return path
 
 
 def codecs_to_measure(args, device) -> list[ev.Codec]:
@@ -150,6 +160,7 @@ def parse_args(argv):
     p.add_argument("--kodak", default=str(ROOT.parent / "shared" / "data" / "kodak"), help="evaluation images")
     p.add_argument("--runs_dir", default=str(ROOT / "benchmarks" / "runs"), help="training runs (resumable)")
     p.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"), help="figures and the evaluation cache")
+    p.add_argument("--reference_dir", default=str(ROOT / "reference_checkpoints"), help="slim copies of the codec's checkpoints, for the demo")
     p.add_argument("--budget_minutes", type=float, default=30.0, help="training budget per rate point")
     p.add_argument("--budget_clock", default="process", choices=("wall", "process"), help="wall time, or the process's CPU time")
     p.add_argument("--lambdas", type=float, nargs="+", default=[2.3e-3, 1.2e-3, 6.2e-4], help="lambda_rate of the rate points (CompressAI q3, q4, q5)")

@@ -1,10 +1,11 @@
 """The demo: compress a photograph with the diffusion-hyperprior codec, next to JPEG and WebP.
 
-Offline and on the CPU. With reference checkpoints in ``reference_checkpoints/`` it uses them;
-otherwise it first trains a small codec for ``--train_minutes`` on photographs that ship with
-scikit-image. It then writes a compressed file, decodes it, and compares bpp / PSNR / MS-SSIM with
-JPEG and WebP at the same file size (the largest quality whose file is no larger than ours), and
-saves a side-by-side picture.
+Offline and on the CPU. With the reference checkpoints in ``reference_checkpoints/`` (one per
+rate point, trained by benchmarks/rd_benchmark.py) it uses them; otherwise it first trains a
+small codec for ``--train_minutes`` on photographs that ship with scikit-image. For each
+checkpoint it writes a compressed file, decodes it, and compares bpp / PSNR / MS-SSIM with JPEG and
+WebP at the same file size (the largest quality whose file is no larger than ours); it saves a
+side-by-side picture and an RD plot.
 
     python examples/demo.py --output_dir demo_output
 """
@@ -26,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 import bk_sdm_compression as bk  # noqa: E402
 import lic_common  # noqa: E402
 import train_bk_sdm_compression as train  # noqa: E402
-from evaluate_bk_sdm_compression import image_metrics  # noqa: E402
+from evaluate_bk_sdm_compression import image_metrics, plot_rd  # noqa: E402
 
 TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 TEST_PHOTO = "chelsea"
@@ -66,6 +67,8 @@ def same_size_classical(x: torch.Tensor, fmt: str, budget: int) -> tuple[int, in
             break
         best = (quality, buf.getvalue())
     quality, data = best
+    if len(data) > budget:
+        print(f"note: even {fmt} quality 1 ({len(data)} bytes) is larger than our file ({budget} bytes)")
     with Image.open(io.BytesIO(data)) as dec:
         return quality, len(data), lic_common.pil_to_tensor(dec.convert("RGB"))
 
@@ -78,10 +81,27 @@ def side_by_side(images: list[torch.Tensor], path: Path) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", default=str(ROOT / "demo_output"), help="where everything is written")
-    p.add_argument("--checkpoint", default=None, help="codec checkpoint to use (default: a reference one, else train)")
+    p.add_argument("--checkpoint", nargs="*", default=None, help="codec checkpoints to use (default: reference_checkpoints/*.pth, else train one)")
     p.add_argument("--train_minutes", type=float, default=1.0, help="training time when there is no checkpoint")
     p.add_argument("--image", default=None, help="photograph to compress (default: scikit-image's 'chelsea')")
     return p.parse_args(argv)
+
+
+def compare(checkpoint: Path, image: Path, out: Path) -> list[tuple]:
+    """Our file for one checkpoint, and JPEG / WebP at the same size: rows of
+    (codec, setting, bytes, PSNR, MS-SSIM) and the decoded pictures."""
+    stem = checkpoint.stem
+    bk.main(["compress", str(image), str(out / f"{stem}.bksd"), "--checkpoint", str(checkpoint)])
+    bk.main(["decompress", str(out / f"{stem}.bksd"), str(out / f"{stem}.png"), "--checkpoint", str(checkpoint)])
+    x = lic_common.load_image(image)
+    n_bytes = (out / f"{stem}.bksd").stat().st_size
+    ours = lic_common.load_image(out / f"{stem}.png")
+    rows, pictures = [("diffusion-hyperprior", stem, n_bytes, *image_metrics(x, ours))], [ours]
+    for fmt in ("JPEG", "WEBP"):
+        quality, size, x_hat = same_size_classical(x, fmt, n_bytes)
+        rows.append((fmt.lower(), f"q{quality}", size, *image_metrics(x, x_hat)))
+        pictures.append(x_hat)
+    return rows, pictures
 
 
 def main(argv: list[str]) -> dict:
@@ -89,29 +109,32 @@ def main(argv: list[str]) -> dict:
     out = Path(args.output_dir)
     train_dir, test_photo = write_sample_photos(out / "photos")
     image = Path(args.image) if args.image else test_photo
-    checkpoint = Path(args.checkpoint) if args.checkpoint else None
-    if checkpoint is None:
-        print(f"no checkpoint given: training a small codec for {args.train_minutes} minute(s) on {train_dir}")
-        checkpoint = train_quick_codec(train_dir, out / "codec_run", args.train_minutes)
-    bk.main(["compress", str(image), str(out / "photo.bksd"), "--checkpoint", str(checkpoint)])
-    bk.main(["decompress", str(out / "photo.bksd"), str(out / "photo_decoded.png"), "--checkpoint", str(checkpoint)])
-
+    checkpoints = [Path(c) for c in args.checkpoint] if args.checkpoint else sorted((ROOT / "reference_checkpoints").glob("*.pth"))
+    if not checkpoints:
+        print(f"no reference checkpoints: training a small codec for {args.train_minutes} minute(s) on {train_dir}")
+        checkpoints = [train_quick_codec(train_dir, out / "codec_run", args.train_minutes)]
     x = lic_common.load_image(image)
     pixels = x.shape[-1] * x.shape[-2]
-    n_bytes = (out / "photo.bksd").stat().st_size
-    rows = [("diffusion-hyperprior", "", n_bytes, *image_metrics(x, lic_common.load_image(out / "photo_decoded.png")))]
-    pictures = [x, lic_common.load_image(out / "photo_decoded.png")]
-    for fmt in ("JPEG", "WEBP"):
-        quality, size, x_hat = same_size_classical(x, fmt, n_bytes)
-        rows.append((fmt.lower(), f"q{quality}", size, *image_metrics(x, x_hat)))
-        pictures.append(x_hat)
+    rows, pictures = [], [x]
+    for ckpt in checkpoints:
+        r, p = compare(ckpt, image, out)
+        rows += r
+        pictures += p if len(checkpoints) == 1 or ckpt == checkpoints[len(checkpoints) // 2] else []
     side_by_side(pictures, out / "side_by_side.png")
-
-    print(f"\n{image.name}, {x.shape[-1]}x{x.shape[-2]}; left to right in {out / 'side_by_side.png'}: original, " + ", ".join(r[0] for r in rows))
-    print(f"{'codec':<22}{'setting':<9}{'bytes':>8}{'bpp':>8}{'PSNR dB':>9}{'MS-SSIM':>9}")
+    curves = {}
     for name, setting, size, psnr, msssim in rows:
-        print(f"{name:<22}{setting:<9}{size:>8}{8 * size / pixels:>8.3f}{psnr:>9.2f}{msssim:>9.4f}")
-    return {name: {"bytes": size, "bpp": 8 * size / pixels, "psnr": psnr, "ms_ssim": msssim} for name, _, size, psnr, msssim in rows}
+        c = curves.setdefault(name, {"name": name, "results": {"bpp": [], "psnr-rgb": [], "ms-ssim-rgb": []}})["results"]
+        c["bpp"].append(8 * size / pixels)
+        c["psnr-rgb"].append(psnr)
+        c["ms-ssim-rgb"].append(msssim)
+    plot_rd(curves, out / "rd_plot.png", title=f"{image.name}: JPEG and WebP at the size of each of our files")
+
+    print(f"\n{image.name}, {x.shape[-1]}x{x.shape[-2]}; pictures: {out / 'side_by_side.png'} (original, ours, JPEG, WebP), "
+          f"RD plot: {out / 'rd_plot.png'}")  # fmt: skip
+    print(f"{'codec':<22}{'setting':<36}{'bytes':>8}{'bpp':>8}{'PSNR dB':>9}{'MS-SSIM':>9}")
+    for name, setting, size, psnr, msssim in rows:
+        print(f"{name:<22}{setting:<36}{size:>8}{8 * size / pixels:>8.3f}{psnr:>9.2f}{msssim:>9.4f}")
+    return {"rows": [dict(zip(("codec", "setting", "bytes", "psnr", "ms_ssim"), r)) | {"bpp": 8 * r[2] / pixels} for r in rows]}
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 import json
 import sys
 
+import torch
+
 from conftest import ROOT, write_image
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -15,7 +17,7 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
     for i in range(2):
         write_image(kodak / f"kodim0{i}.png", (64, 96), seed=10 + i)
     argv = ["--train_data", str(image_dir), "--kodak", str(kodak), "--runs_dir", str(tmp_path / "runs"),
-            "--results_dir", str(tmp_path / "results"), "--budget_minutes", "0.005", "--lambdas", "1e-2", "1e-3",
+            "--results_dir", str(tmp_path / "results"), "--reference_dir", str(tmp_path / "ref"), "--budget_minutes", "0.005", "--lambdas", "1e-2", "1e-3",
             "--N", "8", "--M", "8", "--unet_channels", "8", "--batch_size", "2", "--epoch_size", "4",
             "--warmup_steps", "1", "--threads", "1"]  # fmt: skip
     summary = rd_benchmark.main(argv)
@@ -26,6 +28,12 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
     assert (tmp_path / "results" / "rd_plot.png").is_file()
     done = json.loads((tmp_path / "runs" / "no-diffusion" / "lambda0.001" / "done.json").read_text())
     assert "--diffusion_steps 0" in done["command"] and done["elapsed_seconds"] >= 0.3
+    shipped = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert shipped == ["diffusion-hyperprior-lambda0.001.pth", "diffusion-hyperprior-lambda0.01.pth"]
+    import bk_sdm_compression as bk
+
+    assert set(torch.load(tmp_path / "ref" / shipped[0], weights_only=True)) == {"architecture", "config", "state_dict"}
+    bk.load_codec(tmp_path / "ref" / shipped[0])
     # a second call trains nothing and re-measures nothing: everything comes from the caches
     stamp = (tmp_path / "runs" / "no-diffusion" / "lambda0.001" / "best_checkpoint.pth").stat().st_mtime_ns
     cache = (tmp_path / "results" / "eval_cache.json").stat().st_mtime_ns

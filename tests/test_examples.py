@@ -2,7 +2,7 @@
 
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, write_image
 
 sys.path.insert(0, str(ROOT / "examples"))
 
@@ -35,3 +35,39 @@ def test_evaluate_example_on_a_trained_checkpoint(image_dir, tmp_path):
     pixels = 72 * 80
     fixed = 25 + 4 + 8 + 2 * 7
     assert result["bpp_estimate"] * 0.95 <= result["bpp"] <= result["bpp_estimate"] + 8 * (fixed + 2) / pixels
+
+
+def test_demo_compares_with_jpeg_and_webp_at_the_same_size(image_dir, tmp_path):
+    import demo
+    import train_bk_sdm_compression as tr
+
+    tr.main(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "run"), "--N", "8", "--M", "8",
+             "--diffusion_steps", "2", "--unet_channels", "8", "--image_size", "64", "--val_image_size", "64",
+             "--batch_size", "2", "--epochs", "1", "--num_workers", "0", "--no-progress"])  # fmt: skip
+    out = tmp_path / "demo"
+    result = demo.main(["--output_dir", str(out), "--checkpoint", str(tmp_path / "run" / "best_checkpoint.pth")])
+    ours, jpeg, webp = result["rows"]
+    assert (ours["codec"], jpeg["codec"], webp["codec"]) == ("diffusion-hyperprior", "jpeg", "webp")
+    assert ours["bytes"] == (out / "best_checkpoint.bksd").stat().st_size
+    assert (out / "side_by_side.png").is_file() and (out / "rd_plot.png").is_file()
+
+
+def test_same_size_classical_picks_the_largest_quality_that_fits(tmp_path):
+    import io
+
+    import demo
+    import lic_common
+    from PIL import Image
+
+    x = lic_common.load_image(write_image(tmp_path / "a.png", (96, 128)))
+    img = Image.fromarray(lic_common.to_uint8(x).permute(1, 2, 0).numpy())
+
+    def size(q):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=q)
+        return buf.tell()
+
+    budget = size(50) + 1
+    quality, n_bytes, decoded = demo.same_size_classical(x, "JPEG", budget)
+    assert n_bytes == size(quality) <= budget < size(quality + 1)
+    assert decoded.shape == x.shape
