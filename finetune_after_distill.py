@@ -34,7 +34,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -45,7 +44,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from compressai.layers import GDN
 from compressai.models import FactorizedPrior
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -294,7 +292,7 @@ class Stage:
         if args.resume:
             self._resume(self.save_dir / defaults["last"])
         self.writer = self._writer()
-        self.wandb = self._wandb()
+        self.wandb = lic_common.init_wandb(args.wandb_project, vars(args), f"{self.stage}-{self.save_dir.name}")
         print(f"{self.stage}: {sum(p.numel() for p in params) / 1e6:.3f} M trainable parameters in {len(trainable)} tensors; "
               f"{len(train_files)} training / {len(val_files)} validation images; epochs {self.epoch}..{self.epochs - 1}")  # fmt: skip
 
@@ -324,16 +322,6 @@ class Stage:
         self.save_dir.mkdir(parents=True, exist_ok=True)
         (self.save_dir / f"{self.stage}_config.json").write_text(json.dumps(vars(self.args), indent=2, default=str))
         return SummaryWriter(self.save_dir / "tensorboard" / self.stage)
-
-    def _wandb(self):
-        if not self.args.wandb_project or os.environ.get("WANDB_DISABLED", "").lower() == "true":
-            return None
-        try:
-            import wandb
-        except ImportError:
-            print("note: --wandb_project given but wandb is not installed; logging to TensorBoard only")
-            return None
-        return wandb.init(project=self.args.wandb_project, config=vars(self.args), name=f"{self.stage}-{self.save_dir.name}")
 
     def log(self, values: dict, step: int) -> None:
         for k, v in values.items():

@@ -4,7 +4,8 @@
   included) to a float RGB tensor in [0, 1] of shape (3, H, W), and writing one back as PNG;
 - metrics: PSNR on 8-bit RGB and MS-SSIM on RGB in [0, 1], as CompressAI's ``eval_model``;
 - checkpoints: atomic saving and ``weights_only`` loading;
-- seeding.
+- seeding;
+- run plumbing: joining a ``torchrun`` process group, and Weights & Biases when asked for.
 
 Importing this module has no side effects.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import random
 import tempfile
 from pathlib import Path
@@ -199,3 +201,29 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- Run plumbing ----
+
+
+def setup_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); joins the process group (NCCL on CUDA, gloo on the CPU) under torchrun."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def init_wandb(project: str | None, config: dict, name: str | None = None):
+    """A Weights & Biases run when ``project`` is given, wandb is installed and
+    ``WANDB_DISABLED`` is not true; otherwise None (TensorBoard remains)."""
+    if not project or os.environ.get("WANDB_DISABLED", "").lower() == "true":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("note: a W&B project was given but wandb is not installed; logging to TensorBoard only", file=sys.stderr)
+        return None
+    return wandb.init(project=project, config=config, name=name)

@@ -341,7 +341,7 @@ class Run:
 
     def __init__(self, args: argparse.Namespace, train: bool):
         self.args = args
-        self.rank, self.world = _setup_distributed(args.device)
+        self.rank, self.world = lic_common.setup_distributed(args.device)
         self.device = torch.device(args.device)
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -509,7 +509,7 @@ class Run:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps({"args": vars(a), "model": self.model.config}, indent=2, default=str))
             writer = SummaryWriter(out / "tensorboard")
-        wandb_run = _wandb(a) if self.rank == 0 else None
+        wandb_run = lic_common.init_wandb(a.wandb_project, vars(a)) if self.rank == 0 else None
         if self.epoch == 0:
             self.estimate_mean_token(train_loader, a.mean_token_batches)
         model = DistributedDataParallel(self.model) if self.world > 1 else self.model
@@ -557,24 +557,6 @@ def format_metrics(m: dict) -> str:
     rows = [f"{who}: mse {m[f'{who}/mse']:.4f} cos {m[f'{who}/cosine']:.4f}±{m[f'{who}/cosine_std']:.3f} centred {m[f'{who}/cosine_centred']:.4f}"
             for who in ("model", "avgpool+nearest", "avgpool+bilinear")]  # fmt: skip
     return " | ".join(rows) + f" | W {m['critic/wasserstein']:.4f} GP {m['critic/gp']:.4f}"
-
-
-def _setup_distributed(device: str) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def _wandb(args):
-    if not args.wandb_project or os.environ.get("WANDB_DISABLED", "").lower() == "true":
-        return None
-    try:
-        import wandb
-    except ImportError:
-        print("note: --wandb_project given but wandb is not installed; TensorBoard only")
-        return None
-    return wandb.init(project=args.wandb_project, config=vars(args))
 
 
 # ---- Inference ----

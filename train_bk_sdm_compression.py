@@ -358,7 +358,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.out = Path(args.output_dir)
-        self.rank, self.world = setup_distributed(args.device)
+        self.rank, self.world = lic_common.setup_distributed(args.device)
         self.is_main = self.rank == 0
         self.device = torch.device(args.device)
         if self.device.type == "cuda" and self.world > 1:
@@ -616,14 +616,6 @@ class Trainer:
         self.log.info(f"done: step {s.step}, epoch {s.epoch}, best validation loss {s.best_loss:.4f}")
         return {"step": s.step, "epoch": s.epoch, "best_loss": s.best_loss, "elapsed_seconds": s.elapsed,
                 **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
-
-
-def setup_distributed(device: str) -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
 def main(argv: list[str]) -> dict:

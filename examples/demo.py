@@ -17,7 +17,6 @@ import io
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 

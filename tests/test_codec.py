@@ -1,9 +1,7 @@
 """The diffusion-hyperprior codec: model contract, pretrained loading, bitstream, command line."""
 
-import math
 import zlib
 
-import numpy as np
 import pytest
 import skimage.data
 import torch
@@ -172,7 +170,7 @@ def test_real_bits_agree_with_the_likelihood_estimate(tmp_path):
 @pytest.mark.parametrize("mode,size", [("RGB", (33, 47)), ("L", (40, 40)), ("RGBA", (35, 20)), ("I;16", (24, 50))])
 def test_image_kinds_roundtrip_through_the_cli(tmp_path, mode, size):
     ckpt = save_ckpt(tiny_model(), tmp_path / "codec.pth")
-    src = write_image(tmp_path / f"in.png", size, mode=mode)
+    src = write_image(tmp_path / "in.png", size, mode=mode)
     x = lic_common.load_image(src)
     assert x.shape == (3, *size) and 0 <= x.min() and x.max() <= 1
     if mode == "I;16":  # full 16-bit range kept, not clipped at 255
