@@ -49,7 +49,8 @@ def train_quick_codec(data: Path, out: Path, minutes: float) -> Path:
     argv = ["--data_path", str(data), "--output_dir", str(out), "--N", "64", "--M", "96",
             "--diffusion_steps", "2", "--unet_channels", "32", "--image_size", "128", "--batch_size", "8",
             "--epoch_size", "64", "--epochs", "1000", "--lr", "1e-3", "--warmup_steps", "20",
-            "--lambda_rate", "2e-3", "--time_budget", str(minutes), "--num_workers", "0", "--val_fraction", "0.2",
+            "--lambda_rate", "2e-3", "--time_budget", str(minutes), "--budget_clock", "process",
+            "--num_workers", "0", "--val_fraction", "0.2",
             "--no-progress"]  # fmt: skip
     train.main(argv)
     return out / "best_checkpoint.pth"
@@ -81,7 +82,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", default=str(ROOT / "demo_output"), help="where everything is written")
     p.add_argument("--checkpoint", nargs="*", default=None, help="codec checkpoints to use (default: reference_checkpoints/*.pth, else train one)")
-    p.add_argument("--train_minutes", type=float, default=1.0, help="training time when there is no checkpoint")
+    p.add_argument("--train_minutes", type=float, default=2.0, help="training CPU-minutes (all threads) when there is no checkpoint")
     p.add_argument("--image", default=None, help="photograph to compress (default: scikit-image's 'chelsea')")
     return p.parse_args(argv)
 
@@ -110,7 +111,7 @@ def main(argv: list[str]) -> dict:
     image = Path(args.image) if args.image else test_photo
     checkpoints = [Path(c) for c in args.checkpoint] if args.checkpoint else sorted((ROOT / "reference_checkpoints").glob("*.pth"))
     if not checkpoints:
-        print(f"no reference checkpoints: training a small codec for {args.train_minutes} minute(s) on {train_dir}")
+        print(f"no reference checkpoints: training a small codec for {args.train_minutes} CPU-minute(s) on {train_dir}")
         checkpoints = [train_quick_codec(train_dir, out / "codec_run", args.train_minutes)]
     x = lic_common.load_image(image)
     pixels = x.shape[-1] * x.shape[-2]
