@@ -2,8 +2,9 @@
 
 Interleaved in one run, on the same images and device:
 - encode and decode time per Kodak image (real bitstreams: our complete file; CompressAI's
-  strings), and peak memory of one encode + decode of the largest image, each model in a fresh
-  child process (CPU: its peak resident set size; CUDA: peak allocated);
+  strings), and the peak memory that one encode + decode of the first image adds, each model in
+  a fresh child process (CPU: peak resident set size above the loaded model, Linux; CUDA: peak
+  allocated);
 - the U-Net's cost per DDIM step at Kodak's latent size;
 - training throughput (images / s) of each model under the same loop (forward, rate-distortion
   loss, backward, both optimizers) on random crops.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 import time
@@ -77,12 +77,20 @@ def coding_times(models: dict, images: list[torch.Tensor], repeats: int, device)
     return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
 
 
+def _rss_kb() -> tuple[int, int]:
+    """(current, peak) resident set size of this process in kB, from /proc/self/status."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
 def _memory_child(args, name, x, queue):
+    """Peak memory that one encode + decode adds to a process holding the model (Linux)."""
     torch.set_num_threads(args.threads)
-    models = build_models(args)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ev.LearnedCodec(name, "", models[name], torch.device("cpu")).code(x)
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    codec = ev.LearnedCodec(name, "", build_models(args)[name], torch.device("cpu"))
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    before, _ = _rss_kb()
+    codec.code(x)
+    queue.put((_rss_kb()[1] - before) / 1024)
 
 
 def peak_memory_mb(args, names, x, device) -> dict:

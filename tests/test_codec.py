@@ -164,6 +164,27 @@ def test_real_bits_agree_with_the_likelihood_estimate(tmp_path):
         assert abs(real_bits - estimate_bits) <= 0.03 * estimate_bits + 64, (name, real_bits, estimate_bits)
 
 
+def test_fast_gaussian_conditional_gives_compressais_indexes_and_bytes():
+    from compressai.entropy_models import GaussianConditional
+    from compressai.models.base import get_scale_table
+
+    table = get_scale_table(levels=256)
+    ours, ref = bk.FastGaussianConditional(None), GaussianConditional(None)
+    for gc in (ours, ref):
+        gc.update_scale_table(table)
+        gc.update()
+    torch.manual_seed(0)
+    scales = torch.cat([torch.rand(1, 8, 16, 16) * 3, torch.rand(1, 8, 16, 16) * 300, torch.full((1, 1, 16, 16), 0.05)], 1)
+    scales[0, 0, 0, :4] = table[:4]  # exactly on table entries: the rounding direction matters
+    y = torch.randn_like(scales) * scales
+    means = torch.randn_like(scales)
+    idx = ref.build_indexes(scales)
+    assert torch.equal(ours.build_indexes(scales), idx)
+    strings = ours.compress(y, idx, means=means)
+    assert strings == ref.compress(y, idx, means=means)
+    assert torch.equal(ours.decompress(strings, idx, means=means), ref.decompress(strings, idx, means=means))
+
+
 # ---- images of every kind ----
 
 
