@@ -47,8 +47,9 @@ def parse_args(argv):
     p.add_argument("--N", type=int, default=64, help="teacher channels")
     p.add_argument("--M", type=int, default=96, help="teacher latent channels")
     p.add_argument("--lambda_rate", type=float, default=1.2e-3, help="teacher rate weight (CompressAI quality 4)")
-    p.add_argument("--distill_epochs", type=int, default=6, help="distillation epochs")
-    p.add_argument("--finetune_epochs", type=int, default=4, help="fine-tuning epochs")
+    p.add_argument("--distill_epochs", type=int, default=30, help="distillation epochs")
+    p.add_argument("--finetune_epochs", type=int, default=20, help="fine-tuning epochs")
+    p.add_argument("--warmup_steps", type=int, default=30, help="student learning-rate warm-up steps")
     p.add_argument("--crop_size", type=int, default=224, help="student training crops")
     p.add_argument("--batch_size", type=int, default=8, help="student batch")
     p.add_argument("--lr", type=float, default=1e-4, help="student learning rate")
@@ -74,6 +75,7 @@ def main(argv) -> dict:
     cached(work / "prepare_done.json", lambda: fd.main(["prepare", "--coco_dir", args.train_data, "--out_dir", str(crops),
                                                           "--val_ratio", "0.1", "--crop_size", str(args.crop_size), "--no-progress"]))  # fmt: skip
     stage = ["--coco_dir", str(crops), "--crop_size", str(args.crop_size), "--batch_size", str(args.batch_size), "--lr", str(args.lr),
+             "--warmup_steps", str(args.warmup_steps), "--recon_every", "10",
              "--num_workers", "0", "--no-progress", "--recon_count", "4", *teacher]  # fmt: skip
     cwd = os.getcwd()
     os.chdir(work)  # the recipe's default save dirs (./checkpoints, ./checkpoints_ft) land in the work dir

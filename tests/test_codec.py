@@ -292,3 +292,16 @@ def test_header_records_mode_size_and_steps(coded):
     header, strings = bk.read_bitstream(good)
     assert (header.mode, header.height, header.width, header.diffusion_steps) == ("residual", 40, 40, 3)
     assert len(strings) == 2 and len(good) == 4 + 1 + 1 + 8 + 4 + 4 + 2 + 1 + sum(4 + len(s) for s in strings) + 4
+
+
+def test_step_override_is_recorded_and_used_by_the_decoder(tmp_path):
+    model = tiny_model(diffusion_steps=3)
+    ckpt = save_ckpt(model, tmp_path / "codec.pth")
+    src = write_image(tmp_path / "in.png", (48, 48))
+    bk.main(["compress", str(src), str(tmp_path / "a.bin"), "--checkpoint", str(ckpt), "--diffusion_steps", "1"])
+    assert bk.read_bitstream((tmp_path / "a.bin").read_bytes())[0].diffusion_steps == 1
+    bk.main(["decompress", str(tmp_path / "a.bin"), str(tmp_path / "a.png"), "--checkpoint", str(ckpt)])
+    one_step, _ = bk.load_codec(ckpt, diffusion_steps=1)
+    with torch.no_grad():
+        expected = one_step(lic_common.load_image(src)[None])["x_hat"][0]
+    assert torch.equal(lic_common.load_image(tmp_path / "a.png"), lic_common.to_uint8(expected).float() / 255)
