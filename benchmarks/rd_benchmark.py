@@ -9,9 +9,11 @@ with 0 DDIM steps ("diffusion-hyperprior@0steps": what the U-Net itself contribu
 WebP and AVIF through Pillow. Prints BD-rates against JPEG, WebP and the hyperprior, and writes
 ``rd_kodak.json``, ``per_image.csv`` and ``rd_plot.png`` into ``--results_dir``.
 
-Training runs are resumable (their training time is kept in the checkpoint, so an interrupted
-run continues to the same budget) and finished runs and evaluations are cached: the command can
-be run again, over several sittings, and only does what is missing.
+The budget is equal training compute: each model trains for as many steps as it completes in
+``--budget_minutes`` of its own measured step time (``step_budgets``), so a faster model gets more
+steps, and other work on the machine changes how long a run takes but not what it trains.
+Training runs are resumable and finished runs and evaluations are cached: the command can be
+run again, over several sittings, and only does what is missing.
 
     python benchmarks/rd_benchmark.py --train_data ../shared/data/train --kodak ../shared/data/kodak
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,21 +52,65 @@ def run_dir(args, curve: str, lam: float) -> Path:
     return Path(args.runs_dir) / curve / f"lambda{lam:g}"
 
 
+def step_budgets(args: argparse.Namespace) -> dict[str, int]:
+    """Steps each curve may train: ``--budget_minutes`` of its measured training compute.
+
+    Each model's step (forward, loss, backward, both optimizers; batch and crop of the runs) is
+    timed on random data, the three models interleaved, and its fastest time is kept: the minimum
+    is what the machine can do when nothing else runs, so the budget does not shrink when other
+    work shares the machine (wall and CPU clocks both do: busy OpenMP threads spin). Cached in
+    ``step_budgets.json``.
+    """
+    path = Path(args.results_dir) / "step_budgets.json"
+    if path.is_file():
+        return json.loads(path.read_text())["steps"]
+    models = {}
+    for curve in CURVES:
+        cfg = tr.model_config(tr.parse_args(["--data_path", ".", "--N", str(args.N), "--M", str(args.M), *curve_flags(curve, args)]))
+        torch.manual_seed(args.seed)
+        model = tr.build_model(cfg).train()
+        main, aux = tr.split_parameters(model)
+        models[curve] = (model, torch.optim.Adam(main, args.lr), torch.optim.Adam(aux, 1e-3), [])
+    criterion = tr.RateDistortionLoss(args.lambdas[0], diffusion_weight=args.diffusion_weight)
+    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
+    for _ in range(args.timing_steps):
+        for model, opt, aux_opt, times in models.values():
+            start = time.perf_counter()
+            loss = criterion(model(x), x)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            aux_loss = model.aux_loss()
+            aux_opt.zero_grad()
+            aux_loss.backward()
+            aux_opt.step()
+            times.append(time.perf_counter() - start)
+    seconds = {curve: min(t[1:]) for curve, (_, _, _, t) in models.items()}
+    steps = {curve: max(1, int(args.budget_minutes * 60 / s)) for curve, s in seconds.items()}  # 0 would mean "no limit"
+    path.write_text(json.dumps({"seconds_per_step": seconds, "steps": steps, "threads": torch.get_num_threads(),
+                                "budget_minutes": args.budget_minutes}, indent=2))  # fmt: skip
+    print(f"step budgets for {args.budget_minutes} minutes of training compute: {steps} (seconds per step {seconds})")
+    return steps
+
+
 def train_point(args: argparse.Namespace, curve: str, lam: float) -> dict:
     """Train one rate point to its budget (resuming if it was interrupted); cached in done.json."""
     out = run_dir(args, curve, lam)
     done = out / "done.json"
     if done.is_file():
         return json.loads(done.read_text())
+    if args.budget_clock == "steps":
+        budget = ["--max_steps", str(step_budgets(args)[curve])]
+    else:
+        budget = ["--time_budget", str(args.budget_minutes), "--budget_clock", args.budget_clock]
     argv = ["--data_path", args.train_data, "--output_dir", str(out), "--N", str(args.N), "--M", str(args.M),
             "--lambda_rate", str(lam), "--image_size", str(args.image_size), "--batch_size", str(args.batch_size),
             "--lr", str(args.lr), "--warmup_steps", str(args.warmup_steps), "--epochs", "1000000",
-            "--epoch_size", str(args.epoch_size), "--time_budget", str(args.budget_minutes),
-            "--budget_clock", args.budget_clock, "--num_workers", "0", "--seed", str(args.seed),
+            "--epoch_size", str(args.epoch_size), *budget, "--num_workers", "0", "--seed", str(args.seed),
             "--save_every", "0", "--no-progress", *curve_flags(curve, args)]  # fmt: skip
     if (out / "last_checkpoint.pth").is_file():
         argv += ["--resume", "last"]
-    print(f"== training {curve}, lambda_rate {lam:g}: {args.budget_minutes} {args.budget_clock}-clock minutes", flush=True)
+    print(f"== training {curve}, lambda_rate {lam:g}: budget {' '.join(budget)}", flush=True)
     result = tr.main(argv)
     result["command"] = "python train_bk_sdm_compression.py " + " ".join(argv)
     if curve == "diffusion-hyperprior":
@@ -128,7 +175,8 @@ def report(results: list[ev.ImageResult], args) -> dict:
     overhead = float(np.mean([r.bpp / r.bpp_estimate - 1 for r in ours])) if ours else None
     summary = {
         "images": sorted({r.image for r in results}),
-        "budget": f"{args.budget_minutes} minutes ({args.budget_clock} clock) per rate point",
+        "budget": f"{args.budget_minutes} minutes ({args.budget_clock}) per rate point",
+        "step_budgets": json.loads((Path(args.results_dir) / "step_budgets.json").read_text()) if args.budget_clock == "steps" else None,
         "lambdas": args.lambdas, "curves": curves, "bd_rate": bd,
         "real_over_estimate_bits": overhead,
         "roundtrip_mismatches": sum(r.roundtrip_matches_forward is False for r in results),
@@ -162,7 +210,8 @@ def parse_args(argv):
     p.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"), help="figures and the evaluation cache")
     p.add_argument("--reference_dir", default=str(ROOT / "reference_checkpoints"), help="slim copies of the codec's checkpoints, for the demo")
     p.add_argument("--budget_minutes", type=float, default=30.0, help="training budget per rate point")
-    p.add_argument("--budget_clock", default="process", choices=("wall", "process"), help="wall time, or the process's CPU time")
+    p.add_argument("--budget_clock", default="steps", choices=("steps", "wall", "process"), help="steps: the step count each model does in --budget_minutes of measured training compute; or a wall / process-CPU time budget")
+    p.add_argument("--timing_steps", type=int, default=6, help="timed training steps per model for the step budget")
     p.add_argument("--lambdas", type=float, nargs="+", default=[2.3e-3, 1.2e-3, 6.2e-4], help="lambda_rate of the rate points (CompressAI q3, q4, q5)")
     p.add_argument("--curves", nargs="+", default=list(CURVES), choices=CURVES, help="which learned curves to train")
     p.add_argument("--N", type=int, default=64, help="channels (all learned models)")

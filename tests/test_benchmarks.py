@@ -17,7 +17,7 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
     for i in range(2):
         write_image(kodak / f"kodim0{i}.png", (64, 96), seed=10 + i)
     argv = ["--train_data", str(image_dir), "--kodak", str(kodak), "--runs_dir", str(tmp_path / "runs"),
-            "--results_dir", str(tmp_path / "results"), "--reference_dir", str(tmp_path / "ref"), "--budget_minutes", "0.005", "--lambdas", "1e-2", "1e-3",
+            "--results_dir", str(tmp_path / "results"), "--reference_dir", str(tmp_path / "ref"), "--budget_minutes", "0.003", "--timing_steps", "2", "--lambdas", "1e-2", "1e-3",
             "--N", "8", "--M", "8", "--unet_channels", "8", "--batch_size", "2", "--epoch_size", "4",
             "--warmup_steps", "1", "--threads", "1"]  # fmt: skip
     summary = rd_benchmark.main(argv)
@@ -27,7 +27,10 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
     assert {"jpeg", "webp", "bmshj2018-hyperprior", "no-diffusion"} <= set(summary["bd_rate"])
     assert (tmp_path / "results" / "rd_plot.png").is_file()
     done = json.loads((tmp_path / "runs" / "no-diffusion" / "lambda0.001" / "done.json").read_text())
-    assert "--diffusion_steps 0" in done["command"] and done["elapsed_seconds"] >= 0.3
+    budgets = json.loads((tmp_path / "results" / "step_budgets.json").read_text())
+    assert set(budgets["steps"]) == {"diffusion-hyperprior", "no-diffusion", "bmshj2018-hyperprior"}
+    assert budgets["steps"]["diffusion-hyperprior"] == max(1, int(0.18 / budgets["seconds_per_step"]["diffusion-hyperprior"]))
+    assert "--diffusion_steps 0" in done["command"] and done["step"] == budgets["steps"]["no-diffusion"] >= 1
     shipped = sorted(p.name for p in (tmp_path / "ref").iterdir())
     assert shipped == ["diffusion-hyperprior-lambda0.001.pth", "diffusion-hyperprior-lambda0.01.pth"]
     import bk_sdm_compression as bk
