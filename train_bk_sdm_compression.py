@@ -265,6 +265,30 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
     return main, aux
 
 
+def time_training_steps(models: dict[str, nn.Module], criterion: nn.Module, x: torch.Tensor, steps: int,
+                        lr: float = 1e-4, aux_lr: float = 1e-3) -> dict[str, list[float]]:  # fmt: skip
+    """Seconds of each plain training step (forward, loss, backward, both Adam steps; no data
+    loading) of several models, interleaved step by step so they see the same machine state.
+    The benchmarks' throughput and step budgets come from here."""
+    state = {}
+    for name, model in models.items():
+        main, aux = split_parameters(model.train())
+        state[name] = (model, torch.optim.Adam(main, lr), torch.optim.Adam(aux, aux_lr), [])
+    for _ in range(steps):
+        for model, opt, aux_opt, times in state.values():
+            start = time.perf_counter()
+            loss = criterion(model(x), x)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            aux_loss = model.aux_loss()
+            aux_opt.zero_grad()
+            aux_loss.backward()
+            aux_opt.step()
+            times.append(time.perf_counter() - start)
+    return {name: times for name, (_, _, _, times) in state.items()}
+
+
 # ---- Command line ----
 
 

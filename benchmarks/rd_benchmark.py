@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -68,24 +67,11 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
     for curve in CURVES:
         cfg = tr.model_config(tr.parse_args(["--data_path", ".", "--N", str(args.N), "--M", str(args.M), *curve_flags(curve, args)]))
         torch.manual_seed(args.seed)
-        model = tr.build_model(cfg).train()
-        main, aux = tr.split_parameters(model)
-        models[curve] = (model, torch.optim.Adam(main, args.lr), torch.optim.Adam(aux, 1e-3), [])
+        models[curve] = tr.build_model(cfg)
     criterion = tr.RateDistortionLoss(args.lambdas[0], diffusion_weight=args.diffusion_weight)
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
-    for _ in range(args.timing_steps):
-        for model, opt, aux_opt, times in models.values():
-            start = time.perf_counter()
-            loss = criterion(model(x), x)["loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            aux_loss = model.aux_loss()
-            aux_opt.zero_grad()
-            aux_loss.backward()
-            aux_opt.step()
-            times.append(time.perf_counter() - start)
-    seconds = {curve: min(t[1:]) for curve, (_, _, _, t) in models.items()}
+    times = tr.time_training_steps(models, criterion, x, args.timing_steps, lr=args.lr)
+    seconds = {curve: min(t[1:]) for curve, t in times.items()}  # the first step warms up
     steps = {curve: max(1, int(args.budget_minutes * 60 / s)) for curve, s in seconds.items()}  # 0 would mean "no limit"
     path.write_text(json.dumps({"seconds_per_step": seconds, "steps": steps, "threads": torch.get_num_threads(),
                                 "budget_minutes": args.budget_minutes}, indent=2))  # fmt: skip

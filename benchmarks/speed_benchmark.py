@@ -130,29 +130,14 @@ def unet_step_seconds(model: bk.DiffusionHyperprior, x: torch.Tensor, repeats: i
 
 def training_throughput(args, models: dict, steps: int) -> dict:
     """Images per second of forward + loss + backward + both optimizer steps, interleaved."""
-    crit = tr.RateDistortionLoss(1e-3)
-    state = {}
+    trained = {}
     for name, m in models.items():
         if name == "ours (0 steps)" and args.checkpoint is None:
             m = bk.create_diffusion_hyperprior_model(args.N, args.M, 0)  # trained without diffusion
-        m = m.train()
-        main, aux = tr.split_parameters(m)
-        state[name] = (m, torch.optim.Adam(main, 1e-4), torch.optim.Adam(aux, 1e-3), [])
+        trained[name] = m
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
-    for step in range(steps + 2):
-        for name, (m, opt, aux_opt, times) in state.items():
-            start = time.perf_counter()
-            loss = crit(m(x), x)["loss"]
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            aux_loss = m.aux_loss()
-            aux_opt.zero_grad()
-            aux_loss.backward()
-            aux_opt.step()
-            if step >= 2:  # two warm-up steps
-                times.append(time.perf_counter() - start)
-    return {name: args.batch_size / statistics.median(t) for name, (_, _, _, t) in state.items()}
+    times = tr.time_training_steps(trained, tr.RateDistortionLoss(1e-3), x, args.train_steps + 2)
+    return {name: args.batch_size / statistics.median(t[2:]) for name, t in times.items()}  # two warm-up steps
 
 
 def parse_args(argv):
