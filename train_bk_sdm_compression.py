@@ -516,6 +516,16 @@ class Trainer:
             return False
         return not (a.time_budget and s.elapsed >= a.time_budget * 60)
 
+    def should_stop(self) -> bool:
+        """The budget is spent, as rank 0 and every other rank agree: ranks measure time apart,
+        and one leaving the loop early would leave the others waiting in a collective."""
+        stop = not self.budget_left()
+        if self.world > 1:
+            flag = torch.tensor([float(stop)], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
     def progress(self) -> float:
         a, s = self.args, self.state
         steps_total = a.max_steps or a.epochs * len(self.train_loader)
@@ -569,7 +579,7 @@ class Trainer:
                 for k, v in values.items():
                     self.writer.add_scalar(f"train/{k}", v, self.state.step)
                 self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.state.step)
-            if not self.budget_left():
+            if self.should_stop():
                 break
         self.rng_snapshot = None
         bar.close()
@@ -608,13 +618,13 @@ class Trainer:
         self.log.info(f"training from epoch {s.epoch}, step {s.step}" + (f", batch {s.batches_done}" if s.batches_done else ""))
         val = {}
         try:
-            while s.epoch < args.epochs and self.budget_left():
+            while s.epoch < args.epochs and not self.should_stop():
                 epoch = s.epoch
                 train = self.train_one_epoch(epoch)
                 finished = s.batches_done >= len(self.train_loader)
                 if finished:  # a budget that ends mid-epoch leaves it open for --resume
                     s.epoch, s.batches_done = epoch + 1, 0
-                last = s.epoch >= args.epochs or not self.budget_left()
+                last = s.epoch >= args.epochs or self.should_stop()
                 if (finished and epoch % args.val_interval == 0) or last:
                     val = self.evaluate(epoch)
                     improved = val["loss"] < s.best_loss
