@@ -152,15 +152,10 @@ def load_teacher(args: argparse.Namespace) -> FactorizedPrior:
 # ---- Data ----
 
 
-def is_validation(name: str, val_ratio: float) -> bool:
-    """The split: an MD5 of the file name, the same on every machine, run and Python version."""
-    return int(hashlib.md5(name.encode()).hexdigest()[:8], 16) / 2**32 < val_ratio
-
-
 def split(files: list[Path], val_ratio: float, max_images: int = 0) -> tuple[list[Path], list[Path]]:
     files = files[:max_images] if max_images else files
-    val = [f for f in files if is_validation(f.name, val_ratio)]
-    train = [f for f in files if not is_validation(f.name, val_ratio)]
+    val = [f for f in files if lic_common.in_validation_split(f.name, val_ratio)]
+    train = [f for f in files if not lic_common.in_validation_split(f.name, val_ratio)]
     if not val and len(train) > 1:  # tiny folders: hold out at least the first image by hash order
         first = min(train, key=lambda f: hashlib.md5(f.name.encode()).hexdigest())
         train.remove(first)

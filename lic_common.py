@@ -12,6 +12,7 @@ Importing this module has no side effects.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -50,6 +51,12 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     if not files:
         raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found below {root}")
     return files
+
+
+def in_validation_split(name: str, val_ratio: float) -> bool:
+    """A train / validation split by an MD5 of the file name: the same on every machine, run and
+    Python version (unlike ``hash()`` or a seeded shuffle)."""
+    return int(hashlib.md5(name.encode()).hexdigest()[:8], 16) / 2**32 < val_ratio
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

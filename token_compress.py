@@ -327,7 +327,7 @@ def image_files(args) -> tuple[list[Path], list[Path]]:
         files.sort()
     if getattr(args, "val_dir", None):
         return files, lic_common.list_images(args.val_dir)
-    val = [f for f in files if int(hashlib.md5(f.name.encode()).hexdigest()[:8], 16) / 2**32 < args.val_fraction]
+    val = [f for f in files if lic_common.in_validation_split(f.name, args.val_fraction)]
     if not val:
         val = files[:1]
     return [f for f in files if f not in val] or files, val

@@ -82,12 +82,12 @@ def test_which_parameters_train(teacher, stage, flags, expected):
 
 def test_split_is_deterministic_across_runs_and_machines(tmp_path):
     names = [f"{i:012d}.jpg" for i in range(200)]
-    val = [n for n in names if fd.is_validation(n, 0.05)]
+    val = [n for n in names if lic_common.in_validation_split(n, 0.05)]
     # fixed by MD5 of the name (md5("000000000029.jpg") starts 08e5..., 0.035 < 0.05): the same on
     # any machine and Python version, unlike hash() or a seeded shuffle
     assert val == ["000000000029.jpg", "000000000040.jpg", "000000000052.jpg", "000000000077.jpg",
                    "000000000124.jpg", "000000000190.jpg"]  # fmt: skip
-    assert [n for n in names if fd.is_validation(n, 0.05)] == val
+    assert [n for n in names if lic_common.in_validation_split(n, 0.05)] == val
 
 
 def test_distill_finetune_eval_end_to_end(tmp_path, teacher_ckpt, image_dir, monkeypatch):
