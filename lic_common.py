@@ -3,7 +3,7 @@
 - image files: listing a folder, decoding any PNG / JPEG / WebP (grayscale, RGBA and 16-bit
   included) to a float RGB tensor in [0, 1] of shape (3, H, W), and writing one back as PNG;
 - metrics: PSNR on 8-bit RGB and MS-SSIM on RGB in [0, 1], as CompressAI's ``eval_model``;
-- checkpoints: atomic saving and ``weights_only`` loading;
+- files: atomic writing (checkpoints, result JSON, images) and ``weights_only`` checkpoint loading;
 - seeding;
 - run plumbing: joining a ``torchrun`` process group, and Weights & Biases when asked for.
 
@@ -18,6 +18,7 @@ import os
 import sys
 import random
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -97,14 +98,37 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.detach().clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
+# ---- Writing files atomically ----
+
+
+@contextmanager
+def _atomic_file(path: str | os.PathLike, mode: str):
+    """A file object on a temporary file in ``path``'s folder, renamed onto ``path`` when the block
+    ends without error: a crash mid-write never leaves a truncated file where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (a JSON result, a cache) atomically."""
+    with _atomic_file(path, "w") as f:
+        f.write(text)
+
+
 def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
     """Write a float RGB tensor (3, H, W) in [0, 1] as an 8-bit PNG (atomically)."""
     arr = to_uint8(x).permute(1, 2, 0).cpu().numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr, "RGB").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with _atomic_file(path, "wb") as f:
+        Image.fromarray(arr, "RGB").save(f, format="PNG")
 
 
 # ---- Metrics ----
@@ -140,19 +164,9 @@ def bpp_from_likelihoods(likelihoods: dict[str, torch.Tensor], num_pixels: int) 
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash mid-write
-    never leaves a truncated checkpoint where a good one was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``torch.save`` atomically (see ``_atomic_file``)."""
+    with _atomic_file(path, "wb") as f:
+        torch.save(state, f)
 
 
 class CheckpointError(ValueError):

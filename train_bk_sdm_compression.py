@@ -27,11 +27,13 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 import warnings
 import zlib
-from contextlib import nullcontext
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -389,7 +391,8 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
         self.state = RunState()
-        self.rng_snapshot = None  # RNG state at the start of the step in progress
+        self.signal_received = None  # SIGINT / SIGTERM number: stop after the step in progress
+        self.interrupted = False  # a signal was received on some rank, as all ranks agree
         resume_ckpt = self._resume_checkpoint()
         self.config = resume_ckpt["run_config"]["model"] if resume_ckpt else model_config(args)
         lic_common.seed_everything(args.seed)
@@ -498,7 +501,7 @@ class Trainer:
             lr_schedule=self.schedule.state_dict(),
             scaler=self.scaler.state_dict(),
             run_state=dataclasses.asdict(self.state),
-            rng=self.rng_snapshot or lic_common.rng_state(),
+            rng=lic_common.rng_state(),
             run_config={"args": vars(self.args), "model": self.config},
         )
         lic_common.save_checkpoint(state, path)
@@ -517,14 +520,37 @@ class Trainer:
         return not (a.time_budget and s.elapsed >= a.time_budget * 60)
 
     def should_stop(self) -> bool:
-        """The budget is spent, as rank 0 and every other rank agree: ranks measure time apart,
-        and one leaving the loop early would leave the others waiting in a collective."""
-        stop = not self.budget_left()
+        """The budget is spent or a stop signal came, as rank 0 and every other rank agree: ranks
+        measure time and receive signals apart, and one leaving the loop early would leave the
+        others waiting in a collective."""
+        flags = torch.tensor([float(not self.budget_left()), float(self.signal_received is not None)])
         if self.world > 1:
-            flag = torch.tensor([float(stop)], device=self.device if self.device.type == "cuda" else "cpu")
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        return stop
+            flags = flags.to(self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.interrupted = bool(flags[1].item())
+        return bool(flags.max().item())
+
+    @contextmanager
+    def stop_on_signals(self):
+        """SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) stop training after the step in
+        progress, with ``last_checkpoint.pth`` saved there; a second signal stops at once, saving
+        nothing (the checkpoint saved before stays). Only the main thread can install handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.signal_received is not None:
+                raise KeyboardInterrupt
+            self.signal_received = signum
+            self.log.warning(f"{signal.Signals(signum).name}: stopping after this step (send it again to stop at once, unsaved)")
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
 
     def progress(self) -> float:
         a, s = self.args, self.state
@@ -541,7 +567,6 @@ class Trainer:
         clock = time.process_time if self.args.budget_clock == "process" else time.perf_counter
         tick = clock()
         for x in bar:
-            self.rng_snapshot = lic_common.rng_state()  # what an interrupted step resumes from
             x = x.to(self.device, non_blocking=True)
             with self.autocast():
                 out = self.ddp(x)
@@ -581,7 +606,6 @@ class Trainer:
                 self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], self.state.step)
             if self.should_stop():
                 break
-        self.rng_snapshot = None
         bar.close()
         return {k: v / max(count, 1) for k, v in sums.items()}
 
@@ -613,37 +637,44 @@ class Trainer:
             lic_common.save_image(x_hat, self.out / "samples" / f"epoch{epoch:04d}.png")
         return metrics
 
+    def stop_here(self):
+        """Save ``last_checkpoint.pth`` at the step just finished and stop (exit status 130)."""
+        self.save_checkpoint(self.out / "last_checkpoint.pth")
+        self.log.info(f"stopped at step {self.state.step}: saved {self.out / 'last_checkpoint.pth'}; --resume last goes on from there")
+        raise KeyboardInterrupt
+
     def fit(self) -> dict:
         args, s = self.args, self.state
         self.log.info(f"training from epoch {s.epoch}, step {s.step}" + (f", batch {s.batches_done}" if s.batches_done else ""))
         val = {}
         try:
-            while s.epoch < args.epochs and not self.should_stop():
-                epoch = s.epoch
-                train = self.train_one_epoch(epoch)
-                finished = s.batches_done >= len(self.train_loader)
-                if finished:  # a budget that ends mid-epoch leaves it open for --resume
-                    s.epoch, s.batches_done = epoch + 1, 0
-                last = s.epoch >= args.epochs or self.should_stop()
-                if (finished and epoch % args.val_interval == 0) or last:
-                    val = self.evaluate(epoch)
-                    improved = val["loss"] < s.best_loss
-                    if improved:
-                        s.best_loss = val["loss"]
-                    self.log.info(
-                        f"epoch {epoch} step {s.step}: train loss {train.get('loss', math.nan):.4f} "
-                        f"bpp {train.get('bpp', math.nan):.3f} psnr {train.get('psnr', math.nan):.2f} | val loss "
-                        f"{val['loss']:.4f} bpp {val['bpp']:.3f} psnr {val['psnr']:.2f}{' (best)' if improved else ''}"
-                    )
-                    if improved:
-                        self.save_checkpoint(self.out / "best_checkpoint.pth", update_tables=True)
-                if finished and args.save_every and s.epoch % args.save_every == 0:
-                    self.save_checkpoint(self.out / f"checkpoint_{epoch}.pth")
-                self.save_checkpoint(self.out / "last_checkpoint.pth")
-        except KeyboardInterrupt:
-            self.log.info(f"interrupted at step {s.step}: saving {self.out / 'last_checkpoint.pth'}")
-            self.save_checkpoint(self.out / "last_checkpoint.pth")
-            raise
+            with self.stop_on_signals():
+                while s.epoch < args.epochs and not self.should_stop():
+                    epoch = s.epoch
+                    train = self.train_one_epoch(epoch)
+                    finished = s.batches_done >= len(self.train_loader)
+                    if finished:  # a budget or signal that ends mid-epoch leaves it open for --resume
+                        s.epoch, s.batches_done = epoch + 1, 0
+                    last = s.epoch >= args.epochs or self.should_stop()
+                    if self.interrupted:
+                        self.stop_here()
+                    if (finished and epoch % args.val_interval == 0) or last:
+                        val = self.evaluate(epoch)
+                        improved = val["loss"] < s.best_loss
+                        if improved:
+                            s.best_loss = val["loss"]
+                        self.log.info(
+                            f"epoch {epoch} step {s.step}: train loss {train.get('loss', math.nan):.4f} "
+                            f"bpp {train.get('bpp', math.nan):.3f} psnr {train.get('psnr', math.nan):.2f} | val loss "
+                            f"{val['loss']:.4f} bpp {val['bpp']:.3f} psnr {val['psnr']:.2f}{' (best)' if improved else ''}"
+                        )
+                        if improved:
+                            self.save_checkpoint(self.out / "best_checkpoint.pth", update_tables=True)
+                    if finished and args.save_every and s.epoch % args.save_every == 0:
+                        self.save_checkpoint(self.out / f"checkpoint_{epoch}.pth")
+                    self.save_checkpoint(self.out / "last_checkpoint.pth")
+                if self.interrupted:  # the signal came during validation or saving
+                    self.stop_here()
         finally:
             if self.writer:
                 self.writer.close()

@@ -13,7 +13,9 @@ The budget is equal training compute: each model trains for as many steps as it 
 ``--budget_minutes`` of its own measured step time (``step_budgets``), so a faster model gets more
 steps, and other work on the machine changes how long a run takes but not what it trains.
 Training runs are resumable and finished runs and evaluations are cached: the command can be
-run again, over several sittings, and only does what is missing.
+run again, over several sittings, and only does what is missing. A run being trained is claimed
+(``claim.json`` in its folder), so several copies of the command can share the runs: on a 2-core
+machine, two copies with ``--threads 1`` train two runs at a time.
 
     python benchmarks/rd_benchmark.py --train_data ../shared/data/train --kodak ../shared/data/kodak
 """
@@ -22,7 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -73,18 +78,75 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
     times = tr.time_training_steps(models, criterion, x, args.timing_steps, lr=args.lr)
     seconds = {curve: min(t[1:]) for curve, t in times.items()}  # the first step warms up
     steps = {curve: max(1, int(args.budget_minutes * 60 / s)) for curve, s in seconds.items()}  # 0 would mean "no limit"
-    path.write_text(json.dumps({"seconds_per_step": seconds, "steps": steps, "threads": torch.get_num_threads(),
+    lic_common.write_text_atomic(path, json.dumps({"seconds_per_step": seconds, "steps": steps, "threads": torch.get_num_threads(),
                                 "budget_minutes": args.budget_minutes}, indent=2))  # fmt: skip
     print(f"step budgets for {args.budget_minutes} minutes of training compute: {steps} (seconds per step {seconds})")
     return steps
 
 
-def train_point(args: argparse.Namespace, curve: str, lam: float) -> dict:
-    """Train one rate point to its budget (resuming if it was interrupted); cached in done.json."""
+def _alive(claim: dict) -> bool:
+    if claim.get("host") != socket.gethostname():
+        return True  # another machine's process: cannot be checked, so it is respected
+    try:
+        os.kill(int(claim["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def claimed(out: Path):
+    """Yield True if this process may train the run in ``out`` (it then holds ``claim.json``).
+
+    A claim left by a process that is gone (killed, machine restarted) is taken over.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "claim.json"
+    mine = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                other = json.loads(path.read_text())
+            except (OSError, ValueError):
+                other = {}  # being written, or half-written by a process that died
+            if other and _alive(other):
+                yield False
+                return
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(mine, f)
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    yield False
+
+
+def train_point(args: argparse.Namespace, curve: str, lam: float) -> dict | None:
+    """Train one rate point to its budget (resuming if it was interrupted); cached in done.json.
+
+    Returns None, without training, when another process is training it.
+    """
     out = run_dir(args, curve, lam)
     done = out / "done.json"
     if done.is_file():
         return json.loads(done.read_text())
+    with claimed(out) as mine:
+        if not mine:
+            print(f"== {curve}, lambda_rate {lam:g}: being trained by another process ({out / 'claim.json'}), skipped", flush=True)
+            return None
+        if done.is_file():  # finished by another process between the two checks
+            return json.loads(done.read_text())
+        return _train(args, curve, lam, out)
+
+
+def _train(args: argparse.Namespace, curve: str, lam: float, out: Path) -> dict:
     if args.budget_clock == "steps":
         budget = ["--max_steps", str(step_budgets(args)[curve])]
     else:
@@ -101,7 +163,7 @@ def train_point(args: argparse.Namespace, curve: str, lam: float) -> dict:
     result["command"] = "python train_bk_sdm_compression.py " + " ".join(argv)
     if curve == "diffusion-hyperprior":
         result["reference_checkpoint"] = str(export_reference(out / "best_checkpoint.pth", Path(args.reference_dir), lam))
-    done.write_text(json.dumps(result, indent=2))
+    lic_common.write_text_atomic(out / "done.json", json.dumps(result, indent=2))
     return result
 
 
@@ -148,7 +210,7 @@ def measure(args, device) -> list[ev.ImageResult]:
         if key not in cache:
             eval_args = argparse.Namespace(batch_size=1, save_samples=False, output_dir=args.results_dir)
             cache[key] = [asdict(r) for r in ev.evaluate([codec], files, eval_args, device)]
-            cache_path.write_text(json.dumps(cache))
+            lic_common.write_text_atomic(cache_path, json.dumps(cache))
         results += [ev.ImageResult(**r) for r in cache[key]]
     return results
 
@@ -169,7 +231,7 @@ def report(results: list[ev.ImageResult], args) -> dict:
         "torch_threads": torch.get_num_threads(),
     }  # fmt: skip
     out = Path(args.results_dir)
-    (out / "rd_kodak.json").write_text(json.dumps(summary, indent=2))
+    lic_common.write_text_atomic(out / "rd_kodak.json", json.dumps(summary, indent=2))
     ev.write_per_image_csv(results, out / "per_image.csv")
     ev.plot_rd(curves, out / "rd_plot.png", title=f"Kodak ({len(summary['images'])} images), {summary['budget']}")
 
@@ -213,7 +275,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seed of every run")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--max_images", type=int, default=0, help="evaluate on the first N Kodak images only (0: all 24)")
-    p.add_argument("--no_training", action="store_true", help="only evaluate the runs already finished")
+    p.add_argument("--training", default=True, action=argparse.BooleanOptionalAction, help="train the runs not finished yet (--no-training: only evaluate those that are)")
+    p.add_argument("--evaluate", default=True, action=argparse.BooleanOptionalAction, help="measure the finished runs on Kodak and report (--no-evaluate: only train)")
     return p.parse_args(argv)
 
 
@@ -221,10 +284,12 @@ def main(argv) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-    if not args.no_training:
+    if args.training:
         for lam in args.lambdas:
             for curve in args.curves:
                 train_point(args, curve, lam)
+    if not args.evaluate:
+        return {}
     return report(measure(args, torch.device("cpu")), args)
 
 

@@ -1,6 +1,8 @@
 """The benchmark scripts run end to end at tiny sizes, cache their work and report what they say."""
 
 import json
+import os
+import subprocess
 import sys
 
 import torch
@@ -56,3 +58,27 @@ def test_speed_benchmark_reports_ratios(tmp_path):
     assert ratios["bmshj2018-hyperprior"]["encode"] == 1.0 and set(ratios) == set(result["peak_memory_mb"])
     assert result["unet_seconds_per_step"] > 0 and all(v > 0 for v in result["training_images_per_second"].values())
     assert json.loads((tmp_path / "s.json").read_text())["coding"] == result["coding"]
+
+
+def test_rd_benchmark_runs_claimed_by_a_live_process_are_left_to_it(tmp_path):
+    """Several copies of the benchmark share the runs: one claimed by a live process is skipped,
+    a claim left by a dead process is taken over, and a finished claim is removed."""
+    import socket
+
+    import rd_benchmark
+
+    args = rd_benchmark.parse_args(["--runs_dir", str(tmp_path), "--results_dir", str(tmp_path / "results")])
+    out = rd_benchmark.run_dir(args, "no-diffusion", 1e-3)
+    out.mkdir(parents=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "claim.json").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
+        assert rd_benchmark.train_point(args, "no-diffusion", 1e-3) is None  # would fail: no data to train on
+    finally:
+        live.kill()
+        live.wait()
+    with rd_benchmark.claimed(out) as mine:  # that process is gone now
+        assert mine and json.loads((out / "claim.json").read_text())["pid"] == os.getpid()
+        with rd_benchmark.claimed(out) as again:
+            assert not again  # held by this process, which is alive
+    assert not (out / "claim.json").exists()

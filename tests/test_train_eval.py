@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,26 +62,31 @@ def test_training_writes_everything_and_resume_continues(image_dir, tmp_path):
     assert step2[first_param]["step"].item() == 9  # Adam's count went on from 6, not from 0
 
 
-def test_interrupted_run_resumes_exactly(image_dir, tmp_path, monkeypatch):
-    """Ctrl-C mid-epoch saves a checkpoint; resuming gives bit-identical weights to a run that
-    was never interrupted."""
+@pytest.mark.parametrize("signals", [(signal.SIGINT,), (signal.SIGTERM,), (signal.SIGTERM, signal.SIGTERM)])
+def test_signal_stops_saves_and_resumes_exactly(image_dir, tmp_path, monkeypatch, signals):
+    """Ctrl-C or SIGTERM mid-epoch finishes the step, saves, and exits 130; resuming gives
+    bit-identical weights to a run that was never stopped. A second signal stops at once and
+    leaves the checkpoint saved before."""
     run_train(image_dir, tmp_path / "straight", "--epochs", "2")
 
     calls = {"n": 0}
     original = tr.RateDistortionLoss.forward
 
-    def interrupt_mid_epoch(self, out, x):
+    def signal_mid_epoch(self, out, x):
         calls["n"] += 1  # calls 1-3: epoch 0's steps, 4: its validation, 5: step 4, 6: step 5
         if calls["n"] == 6:
-            raise KeyboardInterrupt
+            for sig in signals:
+                os.kill(os.getpid(), sig)
         return original(self, out, x)
 
-    monkeypatch.setattr(tr.RateDistortionLoss, "forward", interrupt_mid_epoch)
+    monkeypatch.setattr(tr.RateDistortionLoss, "forward", signal_mid_epoch)
     with pytest.raises(SystemExit) as exc:
         run_train(image_dir, tmp_path / "cut", "--epochs", "2")
     assert exc.value.code == 130
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     saved = lic_common.load_checkpoint(tmp_path / "cut" / "last_checkpoint.pth")["run_state"]
-    assert (saved["step"], saved["epoch"], saved["batches_done"]) == (4, 1, 1)
+    # one signal: step 5 completes, then the run saves; two: it stops inside step 5, unsaved
+    assert (saved["step"], saved["epoch"], saved["batches_done"]) == ((5, 1, 2) if len(signals) == 1 else (3, 1, 0))
     monkeypatch.setattr(tr.RateDistortionLoss, "forward", original)
     run_train(image_dir, tmp_path / "cut", "--epochs", "2", "--resume", "last")
 
