@@ -84,6 +84,17 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
     return steps
 
 
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (boot id and clock ticks since boot), to tell it from a later
+    process given the same pid; None where /proc cannot say."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22, after the command name
+    except (OSError, IndexError):
+        return None
+
+
 def _alive(claim: dict) -> bool:
     if claim.get("host") != socket.gethostname():
         return True  # another machine's process: cannot be checked, so it is respected
@@ -92,8 +103,9 @@ def _alive(claim: dict) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    started = claim.get("started")
+    return started is None or started == _process_start(int(claim["pid"]))
 
 
 @contextmanager
@@ -104,7 +116,7 @@ def claimed(out: Path):
     """
     out.mkdir(parents=True, exist_ok=True)
     path = out / "claim.json"
-    mine = {"pid": os.getpid(), "host": socket.gethostname()}
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": _process_start(os.getpid())}
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

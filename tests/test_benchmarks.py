@@ -74,6 +74,10 @@ def test_rd_benchmark_runs_claimed_by_a_live_process_are_left_to_it(tmp_path):
     try:
         (out / "claim.json").write_text(json.dumps({"pid": live.pid, "host": socket.gethostname()}))
         assert rd_benchmark.train_point(args, "no-diffusion", 1e-3) is None  # would fail: no data to train on
+        stale = {"pid": live.pid, "host": socket.gethostname(), "started": "another boot:1"}  # pid reused since
+        (out / "claim.json").write_text(json.dumps(stale))
+        with rd_benchmark.claimed(out) as mine:
+            assert mine
     finally:
         live.kill()
         live.wait()
