@@ -247,19 +247,40 @@ def report(results: list[ev.ImageResult], args) -> dict:
     ev.write_per_image_csv(results, out / "per_image.csv")
     ev.plot_rd(curves, out / "rd_plot.png", title=f"Kodak ({len(summary['images'])} images), {summary['budget']}")
 
-    print(f"\n{'curve':<30}" + "".join(f"{'point':>14}{'bpp':>8}{'PSNR':>8}{'MS-SSIM':>9}" for _ in [0]))
-    for label, c in curves.items():
+    text = markdown(summary)
+    lic_common.write_text_atomic(out / "rd_kodak.md", text)
+    print(text)
+    return summary
+
+
+def markdown(summary: dict) -> str:
+    """The report as Markdown tables (``rd_kodak.md``, printed too; the README's Results copy it)."""
+    lines = [f"Kodak, {len(summary['images'])} images; budget {summary['budget']}.", "",
+             "| curve | point | bpp (file) | bpp (estimate) | PSNR dB | MS-SSIM | encode s | decode s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for label, c in summary["curves"].items():
         r = c["results"]
         for i, point in enumerate(r["points"]):
-            print(f"{label:<30}{point:>14}{r['bpp'][i]:>8.4f}{r['psnr-rgb'][i]:>8.2f}{r['ms-ssim-rgb'][i]:>9.4f}")
-    for anchor, table in bd.items():
-        print(f"\nBD-rate against {anchor} (negative: fewer bits at equal quality)")
-        for label, v in table.items():
-            if label != anchor:
-                print(f"  {label:<30} PSNR {v['bd_rate_psnr']:+8.2f}%   MS-SSIM {v['bd_rate_ms_ssim']:+8.2f}%")
-    if overhead is not None:
-        print(f"\nreal file bits over the likelihood estimate (diffusion-hyperprior, headers included): {overhead:+.2%}")
-    return summary
+            est = r["bpp-estimate"][i]
+            lines.append(f"| {label} | {point} | {r['bpp'][i]:.4f} | {'' if np.isnan(est) else f'{est:.4f}'} | {r['psnr-rgb'][i]:.2f} "
+                         f"| {r['ms-ssim-rgb'][i]:.4f} | {r['encoding_time'][i]:.3f} | {r['decoding_time'][i]:.3f} |")  # fmt: skip
+    anchors = list(summary["bd_rate"])
+    if anchors:
+        lines += ["", "BD-rate in % (PSNR / MS-SSIM; negative: fewer bits at equal quality; n/a: the curves do not overlap "
+                  "or one has a single point):", "", "| curve | " + " | ".join(f"vs {a}" for a in anchors) + " |",
+                  "| --- |" + " --- |" * len(anchors)]  # fmt: skip
+
+        def fmt(v: float) -> str:
+            return "n/a" if np.isnan(v) else f"{v:+.1f}"
+
+        for label in summary["curves"]:
+            cells = [f"{fmt(t[label]['bd_rate_psnr'])} / {fmt(t[label]['bd_rate_ms_ssim'])}" if a != label else "-"
+                     for a, t in summary["bd_rate"].items()]  # fmt: skip
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if summary["real_over_estimate_bits"] is not None:
+        lines += ["", f"Real file bits over the likelihood estimate (diffusion-hyperprior, all points and images, headers "
+                  f"included): {summary['real_over_estimate_bits']:+.2%}."]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv):

@@ -28,6 +28,8 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
     assert len(summary["curves"]["diffusion-hyperprior"]["results"]["bpp"]) == 2
     assert {"jpeg", "webp", "bmshj2018-hyperprior", "no-diffusion"} <= set(summary["bd_rate"])
     assert (tmp_path / "results" / "rd_plot.png").is_file()
+    table = (tmp_path / "results" / "rd_kodak.md").read_text()
+    assert "| no-diffusion | lambda0.001 |" in table and "| diffusion-hyperprior | " in table and "vs bmshj2018-hyperprior" in table
     done = json.loads((tmp_path / "runs" / "no-diffusion" / "lambda0.001" / "done.json").read_text())
     budgets = json.loads((tmp_path / "results" / "step_budgets.json").read_text())
     assert set(budgets["steps"]) == {"diffusion-hyperprior", "no-diffusion", "bmshj2018-hyperprior"}
