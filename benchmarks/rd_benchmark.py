@@ -174,51 +174,55 @@ def _train(args: argparse.Namespace, curve: str, lam: float, out: Path) -> dict:
     result = tr.main(argv)
     result["command"] = "python train_bk_sdm_compression.py " + " ".join(argv)
     if curve == "diffusion-hyperprior":
-        result["reference_checkpoint"] = str(export_reference(out / "best_checkpoint.pth", Path(args.reference_dir), lam))
+        result["reference_checkpoint"] = str(export_reference(args, lam))
     lic_common.write_text_atomic(out / "done.json", json.dumps(result, indent=2))
     return result
 
 
-def export_reference(ckpt: Path, folder: Path, lam: float) -> Path:
-    """A slim copy of a codec checkpoint (model and config, no optimizer state) to ship."""
-    state = lic_common.load_checkpoint(ckpt)
-    path = folder / f"diffusion-hyperprior-lambda{lam:g}.pth"
-    lic_common.save_checkpoint({k: state[k] for k in ("architecture", "config", "state_dict")}, path)
+def reference_path(args: argparse.Namespace, lam: float) -> Path:
+    return Path(args.reference_dir) / f"diffusion-hyperprior-lambda{lam:g}.pth"
+
+
+def export_reference(args: argparse.Namespace, lam: float) -> Path:
+    """A slim copy (``bk.slim_checkpoint``) of a codec run's best checkpoint, to ship. The
+    benchmark measures this file, so the figures are those of what ships."""
+    path = reference_path(args, lam)
+    best = run_dir(args, "diffusion-hyperprior", lam) / "best_checkpoint.pth"
+    lic_common.save_checkpoint(bk.slim_checkpoint(lic_common.load_checkpoint(best)), path)
     return path
 
 
-def codecs_to_measure(args, device) -> list[ev.Codec]:
-    codecs: list[ev.Codec] = []
+def codecs_to_measure(args, device) -> list[tuple[ev.Codec, Path | None]]:
+    """Every finished run's model (with the checkpoint file it was loaded from) and the Pillow codecs."""
+    codecs: list[tuple[ev.Codec, Path | None]] = []
     for curve in CURVES:
         for lam in args.lambdas:
-            ckpt = run_dir(args, curve, lam) / "best_checkpoint.pth"
             if not (run_dir(args, curve, lam) / "done.json").is_file():
                 continue
-            point = f"lambda{lam:g}"
+            point, ckpt = f"lambda{lam:g}", run_dir(args, curve, lam) / "best_checkpoint.pth"
             if curve == "bmshj2018-hyperprior":
                 model = ev.load_learned(str(ckpt), argparse.Namespace(bk_sdm_path=None, diffusion_steps=None))
-                codecs.append(ev.LearnedCodec(curve, point, model, device))
+                codecs.append((ev.LearnedCodec(curve, point, model, device), ckpt))
                 continue
-            codecs.append(ev.LearnedCodec(curve, point, bk.load_codec(ckpt)[0], device))
             if curve == "diffusion-hyperprior":
-                codecs.append(ev.LearnedCodec(f"{curve}@0steps", point, bk.load_codec(ckpt, diffusion_steps=0)[0], device))
+                ckpt = reference_path(args, lam)
+                if not ckpt.is_file():
+                    export_reference(args, lam)
+                codecs.append((ev.LearnedCodec(f"{curve}@0steps", point, bk.load_codec(ckpt, diffusion_steps=0)[0], device), ckpt))
+            codecs.append((ev.LearnedCodec(curve, point, bk.load_codec(ckpt)[0], device), ckpt))
     for name in ("jpeg", "webp", "avif"):
-        codecs += [ev.PillowCodec(name, q) for q in ev.DEFAULT_QUALITIES[name]]
+        codecs += [(ev.PillowCodec(name, q), None) for q in ev.DEFAULT_QUALITIES[name]]
     return codecs
 
 
 def measure(args, device) -> list[ev.ImageResult]:
-    """Every codec on every Kodak image, each codec's results cached by its checkpoint's mtime."""
+    """Every codec on every Kodak image, each codec's results cached by its checkpoint file's mtime."""
     cache_path = Path(args.results_dir) / "eval_cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     files = lic_common.list_images(args.kodak)[: args.max_images or None]
     results = []
-    for codec in codecs_to_measure(args, device):
-        key = f"{codec.label}|{codec.point}|{len(files)}"
-        if isinstance(codec, ev.LearnedCodec):
-            lam = codec.point.removeprefix("lambda")
-            ckpt = run_dir(args, codec.label.split("@")[0], float(lam)) / "best_checkpoint.pth"
-            key += f"|{ckpt.stat().st_mtime_ns}"
+    for codec, ckpt in codecs_to_measure(args, device):
+        key = f"{codec.label}|{codec.point}|{len(files)}" + (f"|{ckpt.name}|{ckpt.stat().st_mtime_ns}" if ckpt else "")
         if key not in cache:
             eval_args = argparse.Namespace(batch_size=1, save_samples=False, output_dir=args.results_dir)
             cache[key] = [asdict(r) for r in ev.evaluate([codec], files, eval_args, device)]

@@ -223,6 +223,32 @@ def test_pretrained_checkpoint_loads_from_the_path_it_names(tmp_path, tiny_bk_sd
     assert (tmp_path / "a.png").exists()
 
 
+def test_slim_checkpoint_is_smaller_and_codes_like_the_full_one(tmp_path):
+    """The shipped form: no entropy tables (load_codec derives them), fp16 where fp16 is exact
+    enough, GDN's tiny reparametrised values kept in fp32; it decodes what it encodes."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.g_a[1].beta.fill_(1e-6)  # below fp16's normal range: must stay fp32
+    ready(model)
+    full = save_ckpt(model, tmp_path / "full.pth")
+    lic_common.save_checkpoint(model.checkpoint_payload() | {"state_dict": model.state_dict()}, full)  # with tables
+    slim = bk.slim_checkpoint(lic_common.load_checkpoint(full))
+    lic_common.save_checkpoint(slim, tmp_path / "slim.pth")
+    assert not any(k.endswith(bk.ENTROPY_TABLES) for k in slim["state_dict"])
+    assert slim["state_dict"]["g_s.0.weight"].dtype == torch.float16
+    assert slim["state_dict"]["g_a.1.beta"].dtype == torch.float32
+    assert (tmp_path / "slim.pth").stat().st_size < 0.6 * full.stat().st_size
+
+    a, _ = bk.load_codec(full)
+    b, _ = bk.load_codec(tmp_path / "slim.pth")
+    assert torch.equal(b.gaussian_conditional.scale_table, a.gaussian_conditional.scale_table)
+    x = torch.rand(1, 3, 48, 48)
+    with torch.no_grad():
+        enc = b.compress(x)
+        assert torch.equal(b.decompress(enc["strings"], enc["shape"])["y_hat"], b(x)["y_hat"])
+        assert lic_common.psnr(a(x)["x_hat"], b(x)["x_hat"]) > 40  # fp16 rounding changes almost nothing
+
+
 # ---- bad files ----
 
 
