@@ -396,7 +396,11 @@ class DiffusionHyperprior(CompressionModel):
         else:
             y_hat = prediction
         x_hat = self.g_s(y_hat)[..., :height, :width]
-        denoising = self.denoising_loss(y.detach(), cond) if self.training else y.new_zeros(())
+        # The denoising loss trains the U-Net alone: its magnitude (~1) dwarfs the rate-distortion
+        # terms (~1e-2), and reaching h_s through `cond` it would tune the scales and means for
+        # conditioning instead of for coding. The entropy model learns from the RD loss, which
+        # also reaches the U-Net through the DDIM chain that makes the prediction.
+        denoising = self.denoising_loss(y.detach(), cond.detach()) if self.training else y.new_zeros(())
         return {
             "x_hat": x_hat,
             "y": y,

@@ -106,6 +106,20 @@ def test_diffusion_changes_the_prediction_and_schedules_come_from_diffusers():
     assert not torch.allclose(with_diffusion, without)
 
 
+def test_denoising_loss_trains_the_unet_and_nothing_else():
+    """The auxiliary DDPM loss must not reach the entropy model (h_s, h_a, g_a), whose scales and
+    means the rate-distortion loss alone shapes; the RD loss does reach the U-Net."""
+    model = tiny_model().train()
+    out = model(torch.rand(2, 3, 64, 64))
+    out["denoising_loss"].backward(retain_graph=True)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("unet."))
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if not n.startswith("unet."))
+    model.zero_grad()
+    out["likelihoods"]["y"].log().sum().neg().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("unet."))
+
+
 # ---- entropy coding ----
 
 
