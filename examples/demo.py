@@ -1,11 +1,12 @@
-"""The demo: compress a photograph with the diffusion-hyperprior codec, next to JPEG and WebP.
+"""The demo: compress photographs with the diffusion-hyperprior codec, next to JPEG and WebP.
 
 Offline and on the CPU. With the reference checkpoints in ``reference_checkpoints/`` (one per
 rate point, trained by benchmarks/rd_benchmark.py) it uses them; otherwise it first trains a
 small codec for ``--train_minutes`` on photographs that ship with scikit-image. For each
-checkpoint it writes a compressed file, decodes it, and compares bpp / PSNR / MS-SSIM with JPEG and
-WebP at the same file size (the largest quality whose file is no larger than ours); it saves a
-side-by-side picture and an RD plot.
+photograph (by default three of scikit-image's, none of them training data) and checkpoint it
+writes a compressed file, decodes it, and compares bpp / PSNR / MS-SSIM with JPEG and WebP at the
+same file size (the largest quality whose file is no larger than ours); it saves a side-by-side
+picture per photograph and an RD plot of the means.
 
     python examples/demo.py --output_dir demo_output
 """
@@ -28,20 +29,21 @@ import lic_common  # noqa: E402
 import train_bk_sdm_compression as train  # noqa: E402
 from evaluate_bk_sdm_compression import image_metrics, plot_rd  # noqa: E402
 
-TRAIN_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
-TEST_PHOTO = "chelsea"
+TRAIN_PHOTOS = ("astronaut", "hubble_deep_field", "immunohistochemistry", "retina")  # only for the fallback codec
+TEST_PHOTOS = ("chelsea", "coffee", "rocket")
 
 
-def write_sample_photos(folder: Path) -> tuple[Path, Path]:
-    """scikit-image's bundled photographs as PNG: a training folder and one held-out test photo."""
+def write_sample_photos(folder: Path) -> tuple[Path, list[Path]]:
+    """scikit-image's bundled photographs as PNG: a training folder and the held-out test photos."""
     import skimage.data
 
     (folder / "train").mkdir(parents=True, exist_ok=True)
     for name in TRAIN_PHOTOS:
         Image.fromarray(getattr(skimage.data, name)()).save(folder / "train" / f"{name}.png")
-    test = folder / f"{TEST_PHOTO}.png"
-    Image.fromarray(getattr(skimage.data, TEST_PHOTO)()).save(test)
-    return folder / "train", test
+    tests = [folder / f"{name}.png" for name in TEST_PHOTOS]
+    for name, path in zip(TEST_PHOTOS, tests):
+        Image.fromarray(getattr(skimage.data, name)()).save(path)
+    return folder / "train", tests
 
 
 def train_quick_codec(data: Path, out: Path, minutes: float) -> Path:
@@ -83,58 +85,73 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output_dir", default=str(ROOT / "demo_output"), help="where everything is written")
     p.add_argument("--checkpoint", nargs="*", default=None, help="codec checkpoints to use (default: reference_checkpoints/*.pth, else train one)")
     p.add_argument("--train_minutes", type=float, default=2.0, help="training CPU-minutes (all threads) when there is no checkpoint")
-    p.add_argument("--image", default=None, help="photograph to compress (default: scikit-image's 'chelsea')")
+    p.add_argument("--images", nargs="+", default=None, help=f"photographs to compress (default: scikit-image's {', '.join(TEST_PHOTOS)})")
     return p.parse_args(argv)
 
 
-def compare(checkpoint: Path, image: Path, out: Path) -> list[tuple]:
-    """Our file for one checkpoint, and JPEG / WebP at the same size: rows of
-    (codec, setting, bytes, PSNR, MS-SSIM) and the decoded pictures."""
-    stem = checkpoint.stem
+def compare(checkpoint: Path, image: Path, out: Path) -> tuple[list[dict], list[torch.Tensor]]:
+    """Our file for one checkpoint and photograph, and JPEG / WebP at the same size: a row each
+    (image, checkpoint, codec, setting, bytes, bpp, psnr, ms_ssim) and the decoded pictures."""
+    stem = f"{image.stem}_{checkpoint.stem}"
     bk.main(["compress", str(image), str(out / f"{stem}.bksd"), "--checkpoint", str(checkpoint)])
     bk.main(["decompress", str(out / f"{stem}.bksd"), str(out / f"{stem}.png"), "--checkpoint", str(checkpoint)])
     x = lic_common.load_image(image)
     n_bytes = (out / f"{stem}.bksd").stat().st_size
+
+    def row(codec: str, setting: str, size: int, x_hat: torch.Tensor) -> dict:
+        psnr, msssim = image_metrics(x, x_hat)
+        return {"image": image.name, "checkpoint": checkpoint.stem, "codec": codec, "setting": setting, "bytes": size,
+                "bpp": 8 * size / (x.shape[-1] * x.shape[-2]), "psnr": psnr, "ms_ssim": msssim}  # fmt: skip
+
     ours = lic_common.load_image(out / f"{stem}.png")
-    rows, pictures = [("diffusion-hyperprior", stem, n_bytes, *image_metrics(x, ours))], [ours]
+    rows, pictures = [row("diffusion-hyperprior", checkpoint.stem, n_bytes, ours)], [ours]
     for fmt in ("JPEG", "WEBP"):
         quality, size, x_hat = same_size_classical(x, fmt, n_bytes)
-        rows.append((fmt.lower(), f"q{quality}", size, *image_metrics(x, x_hat)))
+        rows.append(row(fmt.lower(), f"q{quality}", size, x_hat))
         pictures.append(x_hat)
     return rows, pictures
+
+
+def mean_curves(rows: list[dict]) -> dict[str, dict]:
+    """Per codec, one point per checkpoint: bpp, PSNR and MS-SSIM averaged over the photographs
+    (JPEG and WebP matched to our file size photograph by photograph)."""
+    curves = {}
+    for codec in dict.fromkeys(r["codec"] for r in rows):
+        c = curves.setdefault(codec, {"name": codec, "results": {"bpp": [], "psnr-rgb": [], "ms-ssim-rgb": []}})["results"]
+        for ckpt in dict.fromkeys(r["checkpoint"] for r in rows):
+            pts = [r for r in rows if r["codec"] == codec and r["checkpoint"] == ckpt]
+            for key, field in (("bpp", "bpp"), ("psnr-rgb", "psnr"), ("ms-ssim-rgb", "ms_ssim")):
+                c[key].append(sum(r[field] for r in pts) / len(pts))
+    return curves
 
 
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     out = Path(args.output_dir)
-    train_dir, test_photo = write_sample_photos(out / "photos")
-    image = Path(args.image) if args.image else test_photo
+    train_dir, test_photos = write_sample_photos(out / "photos")
+    images = [Path(i) for i in args.images] if args.images else test_photos
     checkpoints = [Path(c) for c in args.checkpoint] if args.checkpoint else sorted((ROOT / "reference_checkpoints").glob("*.pth"))
     if not checkpoints:
         print(f"no reference checkpoints: training a small codec for {args.train_minutes} CPU-minute(s) on {train_dir}")
         checkpoints = [train_quick_codec(train_dir, out / "codec_run", args.train_minutes)]
-    x = lic_common.load_image(image)
-    pixels = x.shape[-1] * x.shape[-2]
-    rows, pictures = [], [x]
-    for ckpt in checkpoints:
-        r, p = compare(ckpt, image, out)
-        rows += r
-        pictures += p if len(checkpoints) == 1 or ckpt == checkpoints[len(checkpoints) // 2] else []
-    side_by_side(pictures, out / "side_by_side.png")
-    curves = {}
-    for name, setting, size, psnr, msssim in rows:
-        c = curves.setdefault(name, {"name": name, "results": {"bpp": [], "psnr-rgb": [], "ms-ssim-rgb": []}})["results"]
-        c["bpp"].append(8 * size / pixels)
-        c["psnr-rgb"].append(psnr)
-        c["ms-ssim-rgb"].append(msssim)
-    plot_rd(curves, out / "rd_plot.png", title=f"{image.name}: JPEG and WebP at the size of each of our files")
+    shown = checkpoints[len(checkpoints) // 2]
+    rows = []
+    for image in images:
+        pictures = [lic_common.load_image(image)]
+        for ckpt in checkpoints:
+            r, p = compare(ckpt, image, out)
+            rows += r
+            pictures += p if ckpt == shown else []
+        side_by_side(pictures, out / f"side_by_side_{image.stem}.png")
+    plot_rd(mean_curves(rows), out / "rd_plot.png",
+            title=f"mean over {len(images)} photographs; JPEG and WebP at the size of each of our files")  # fmt: skip
 
-    print(f"\n{image.name}, {x.shape[-1]}x{x.shape[-2]}; pictures: {out / 'side_by_side.png'} (original, ours, JPEG, WebP), "
+    print(f"\npictures (original, ours with {shown.stem}, JPEG and WebP at that size): {out}/side_by_side_*.png; "
           f"RD plot: {out / 'rd_plot.png'}")  # fmt: skip
-    print(f"{'codec':<22}{'setting':<36}{'bytes':>8}{'bpp':>8}{'PSNR dB':>9}{'MS-SSIM':>9}")
-    for name, setting, size, psnr, msssim in rows:
-        print(f"{name:<22}{setting:<36}{size:>8}{8 * size / pixels:>8.3f}{psnr:>9.2f}{msssim:>9.4f}")
-    return {"rows": [dict(zip(("codec", "setting", "bytes", "psnr", "ms_ssim"), r)) | {"bpp": 8 * r[2] / pixels} for r in rows]}
+    print(f"{'image':<14}{'codec':<22}{'setting':<36}{'bytes':>8}{'bpp':>8}{'PSNR dB':>9}{'MS-SSIM':>9}")
+    for r in rows:
+        print(f"{r['image']:<14}{r['codec']:<22}{r['setting']:<36}{r['bytes']:>8}{r['bpp']:>8.3f}{r['psnr']:>9.2f}{r['ms_ssim']:>9.4f}")
+    return {"rows": rows}
 
 
 if __name__ == "__main__":
