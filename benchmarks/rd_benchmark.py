@@ -63,11 +63,15 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
     timed on random data, the three models interleaved, and its fastest time is kept: the minimum
     is what the machine can do when nothing else runs, so the budget does not shrink when other
     work shares the machine (wall and CPU clocks both do: busy OpenMP threads spin). Cached in
-    ``step_budgets.json``.
+    ``step_budgets.json`` with the sizes it was measured for; other sizes are timed again.
     """
     path = Path(args.results_dir) / "step_budgets.json"
+    setup = {k: getattr(args, k) for k in ("N", "M", "diffusion_steps", "unet_channels", "image_size", "batch_size", "budget_minutes")}
     if path.is_file():
-        return json.loads(path.read_text())["steps"]
+        cached = json.loads(path.read_text())
+        if cached.get("setup", setup) == setup:
+            return cached["steps"]
+        print(f"{path} was measured for {cached['setup']}, not {setup}: timing again")
     models = {}
     for curve in CURVES:
         cfg = tr.model_config(tr.parse_args(["--data_path", ".", "--N", str(args.N), "--M", str(args.M), *curve_flags(curve, args)]))
@@ -79,7 +83,7 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
     seconds = {curve: min(t[1:]) for curve, t in times.items()}  # the first step warms up
     steps = {curve: max(1, int(args.budget_minutes * 60 / s)) for curve, s in seconds.items()}  # 0 would mean "no limit"
     lic_common.write_text_atomic(path, json.dumps({"seconds_per_step": seconds, "steps": steps, "threads": torch.get_num_threads(),
-                                "budget_minutes": args.budget_minutes}, indent=2))  # fmt: skip
+                                                   "setup": setup}, indent=2))  # fmt: skip
     print(f"step budgets for {args.budget_minutes} minutes of training compute: {steps} (seconds per step {seconds})")
     return steps
 
