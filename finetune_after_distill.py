@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import sys
@@ -155,9 +154,9 @@ def load_teacher(args: argparse.Namespace) -> FactorizedPrior:
 def split(files: list[Path], val_ratio: float, max_images: int = 0) -> tuple[list[Path], list[Path]]:
     files = files[:max_images] if max_images else files
     val = [f for f in files if lic_common.in_validation_split(f.name, val_ratio)]
-    train = [f for f in files if not lic_common.in_validation_split(f.name, val_ratio)]
+    train = [f for f in files if f not in val]
     if not val and len(train) > 1:  # tiny folders: hold out at least the first image by hash order
-        first = min(train, key=lambda f: hashlib.md5(f.name.encode()).hexdigest())
+        first = min(train, key=lambda f: lic_common.name_hash(f.name))
         train.remove(first)
         val = [first]
     return train, val

@@ -54,10 +54,15 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     return files
 
 
+def name_hash(name: str) -> str:
+    """The MD5 hex digest of a file name: an order and a split that are the same on every machine,
+    run and Python version (unlike ``hash()`` or a seeded shuffle)."""
+    return hashlib.md5(name.encode()).hexdigest()
+
+
 def in_validation_split(name: str, val_ratio: float) -> bool:
-    """A train / validation split by an MD5 of the file name: the same on every machine, run and
-    Python version (unlike ``hash()`` or a seeded shuffle)."""
-    return int(hashlib.md5(name.encode()).hexdigest()[:8], 16) / 2**32 < val_ratio
+    """A train / validation split by ``name_hash``."""
+    return int(name_hash(name)[:8], 16) / 2**32 < val_ratio
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

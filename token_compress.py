@@ -323,7 +323,7 @@ def collate(items: list[dict]) -> dict:
 def image_files(args) -> tuple[list[Path], list[Path]]:
     files = lic_common.list_images(args.data_dir)
     if args.subset_size:
-        files = sorted(files, key=lambda p: hashlib.md5(p.name.encode()).hexdigest())[: args.subset_size]
+        files = sorted(files, key=lambda p: lic_common.name_hash(p.name))[: args.subset_size]
         files.sort()
     if getattr(args, "val_dir", None):
         return files, lic_common.list_images(args.val_dir)
