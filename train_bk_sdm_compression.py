@@ -6,7 +6,8 @@ Rate-distortion training as in Ballé et al. 2018 and CompressAI's ``examples/tr
 
 with D the MSE of images in [0, 1] (or 1 - MS-SSIM), bpp = -sum(log2 likelihoods) / pixels, and
 the denoising loss the DDPM noise-prediction error of the codec's U-Net (zero for CompressAI's
-models; it trains the U-Net only, the entropy model learns from D and bpp). A larger ``--lambda_rate`` compresses harder. CompressAI writes the same trade-off as
+models; it trains the U-Net only, the entropy model learns from D and bpp). A larger
+``--lambda_rate`` compresses harder. CompressAI writes the same trade-off as
 ``lmbda * 255^2 * MSE + bpp``, so ``lambda_rate = 1 / (255^2 * lmbda)``: its qualities 1..8
 (lmbda 0.0018 ... 0.18) are lambda_rate 8.5e-3, 4.4e-3, 2.3e-3, 1.2e-3, 6.2e-4, 3.2e-4, 1.7e-4,
 8.5e-5. The entropy bottleneck's ``quantiles`` have their own Adam (the auxiliary loss).
@@ -29,10 +30,10 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 import zlib
-import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
