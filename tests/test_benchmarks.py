@@ -47,6 +47,9 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
     assert json.dumps(rd_benchmark.main(argv)["curves"]) == json.dumps(summary["curves"])  # NaN-safe
     assert (tmp_path / "runs" / "no-diffusion" / "lambda0.001" / "best_checkpoint.pth").stat().st_mtime_ns == stamp
     assert (tmp_path / "results" / "eval_cache.json").stat().st_mtime_ns == cache
+    # budgets timed for other sizes are not reused
+    rd_benchmark.step_budgets(rd_benchmark.parse_args(argv + ["--batch_size", "3"]))
+    assert json.loads((tmp_path / "results" / "step_budgets.json").read_text())["setup"]["batch_size"] == 3
 
 
 def test_speed_benchmark_reports_ratios(tmp_path):
