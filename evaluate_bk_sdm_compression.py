@@ -7,8 +7,10 @@ Every rate point of every curve is measured on the same images in one call:
 
 Per image: PSNR on 8-bit RGB, MS-SSIM on 8-bit RGB scaled to [0, 1] (as CompressAI's
 ``eval_model``), bpp from the real bytes (for this codec the whole file, header included) beside
-the likelihood estimate, compression ratio (24 bpp / bpp), encode and decode time, peak memory,
-and whether ``decompress(compress(x))`` reproduces the forward pass's reconstruction.
+the likelihood estimate and the ideal code length under the entropy coder's own tables (so the
+coder's overhead and the cost of quantising the model into tables are separate figures),
+compression ratio (24 bpp / bpp), encode and decode time, peak memory, and whether
+``decompress(compress(x))`` reproduces the forward pass's reconstruction.
 
 Writes into ``--output_dir``: ``<curve>.json`` in CompressAI's results format (its plotting tool
 reads them), ``per_image.csv``, ``summary.json`` with BD-rates (PSNR and MS-SSIM) of every curve
@@ -22,6 +24,7 @@ and error map of every image.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -57,10 +60,76 @@ class Codec:
     def estimate(self, x: torch.Tensor):
         return None
 
+    def table_bits(self, x: torch.Tensor) -> float | None:
+        """Ideal code length of ``x``'s symbols under the entropy coder's own tables (learned codecs)."""
+        return None
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ---- Entropy-coder efficiency ----
+
+RANS_BYPASS_BITS = 4  # CompressAI's rANS writes an escaped value in 4-bit chunks (rans_interface.cpp)
+
+
+def table_code_bits(symbols, indexes, cdfs, cdf_lengths, offsets, precision: int = 16) -> float:
+    """The ideal code length, in bits, of ``symbols`` under the quantized CDF tables CompressAI's
+    rANS coder is handed (``encode_with_indexes``'s arguments): -log2 of each symbol's table
+    probability, plus the raw bits of the escape code for a value outside its table (the table's
+    last entry, then the count of 4-bit chunks in 4-bit chunks, then the chunks). What a perfect
+    coder with the same tables would write; the real string adds only the coder's final state."""
+    idx = np.asarray(indexes, np.int64)
+    lengths = np.asarray(cdf_lengths, np.int64)
+    table = np.zeros((len(cdfs), int(lengths.max())), np.int64)
+    for i, cdf in enumerate(cdfs):
+        table[i, : lengths[i]] = cdf[: lengths[i]]
+    max_value = lengths[idx] - 2
+    value = np.asarray(symbols, np.int64) - np.asarray(offsets, np.int64)[idx]
+    escaped = (value < 0) | (value >= max_value)
+    raw = np.where(value < 0, -2 * value - 1, 2 * (value - max_value))[escaped]
+    value = np.where(escaped, max_value, value)
+    freq = table[idx, value + 1] - table[idx, value]
+    bits = float(precision * len(value) - np.log2(freq).sum())
+    max_chunk = 2**RANS_BYPASS_BITS - 1
+    for r in raw.tolist():
+        chunks = -(-int(r).bit_length() // RANS_BYPASS_BITS)
+        bits += RANS_BYPASS_BITS * (chunks // max_chunk + 1 + chunks)
+    return bits
+
+
+class CodeLengthMeter:
+    """Stands in for an entropy model's coder: adds up ``table_code_bits`` of everything it is asked
+    to encode, then hands the call to the real coder (so the bytes are unchanged)."""
+
+    def __init__(self, coder, precision: int):
+        self.coder, self.precision, self.bits = coder, precision, 0.0
+
+    def encode_with_indexes(self, symbols, indexes, cdfs, cdf_lengths, offsets):
+        self.bits += table_code_bits(symbols, indexes, cdfs, cdf_lengths, offsets, self.precision)
+        return self.coder.encode_with_indexes(symbols, indexes, cdfs, cdf_lengths, offsets)
+
+    def decode_with_indexes(self, *args):
+        return self.coder.decode_with_indexes(*args)
+
+
+@contextlib.contextmanager
+def metered_coders(model: nn.Module):
+    """Within the block every entropy model of ``model`` codes through a ``CodeLengthMeter``;
+    yields a function returning the bits metered so far."""
+    from compressai.entropy_models import EntropyModel
+
+    entropy_models = [m for m in model.modules() if isinstance(m, EntropyModel)]
+    meters = [CodeLengthMeter(m.entropy_coder, m.entropy_coder_precision) for m in entropy_models]
+    for m, meter in zip(entropy_models, meters):
+        m.entropy_coder = meter
+    try:
+        yield lambda: sum(meter.bits for meter in meters)
+    finally:
+        for m, meter in zip(entropy_models, meters):
+            m.entropy_coder = meter.coder
 
 
 class LearnedCodec(Codec):
@@ -96,6 +165,13 @@ class LearnedCodec(Codec):
         _sync(self.device)
         t2 = time.perf_counter()
         return data, x_hat.clamp(0, 1).cpu(), t1 - t0, t2 - t1
+
+    @torch.no_grad()
+    def table_bits(self, x):
+        """A second, metered encode (kept out of ``code`` so that its timing is the coder's own)."""
+        with metered_coders(self.model) as metered:
+            self.model.compress(self._pad(x.to(self.device)[None]))
+            return metered()
 
     @torch.no_grad()
     def estimate(self, x):
@@ -191,6 +267,7 @@ class ImageResult:
     decode_seconds: float
     peak_memory_mb: float
     roundtrip_matches_forward: bool | None
+    bpp_table: float = math.nan  # ideal code length under the coder's tables (table_code_bits)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -238,8 +315,10 @@ def evaluate(codecs: list[Codec], files: list[Path], args: argparse.Namespace, d
                     diff = (lic_common.to_uint8(x_fwd).int() - lic_common.to_uint8(x_hat).int()).abs()
                     print(f"warning: {codec.label} {codec.point} {p.name}: decompress(compress(x)) differs from the "
                           f"forward pass in {(diff > 0).float().mean().item():.2%} of values (max {diff.max().item()} / 255)")  # fmt: skip
+            table_bits = codec.table_bits(x)
+            bpp_table = math.nan if table_bits is None else table_bits / (h * w)
             results.append(ImageResult(codec.label, codec.point, p.name, bpp, bpp_est, psnr, msssim, 24 / bpp,
-                                       t_enc, t_dec, peak_memory_mb(device), matches))  # fmt: skip
+                                       t_enc, t_dec, peak_memory_mb(device), matches, bpp_table))  # fmt: skip
             if args.save_samples:
                 save_samples(Path(args.output_dir) / "samples" / codec.label / codec.point.replace("/", "_"), p.stem, x, x_hat)
         point = [r for r in results if (r.curve, r.point) == (codec.label, codec.point)]
@@ -272,7 +351,7 @@ def curves_from_results(results: list[ImageResult]) -> dict[str, dict]:
         results_json = {
             key: [float(np.mean([getattr(r, field) for r in rs])) for _, rs in points]
             for key, field in (("psnr-rgb", "psnr"), ("ms-ssim-rgb", "ms_ssim"), ("bpp", "bpp"),
-                               ("bpp-estimate", "bpp_estimate"), ("encoding_time", "encode_seconds"),
+                               ("bpp-estimate", "bpp_estimate"), ("bpp-table", "bpp_table"), ("encoding_time", "encode_seconds"),
                                ("decoding_time", "decode_seconds"), ("peak_memory_mb", "peak_memory_mb"))
         }  # fmt: skip
         results_json["points"] = [name for name, _ in points]

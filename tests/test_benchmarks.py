@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end at tiny sizes, cache their work and report what they say."""
 
+import csv
 import json
 import os
 import subprocess
@@ -29,6 +30,12 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
     assert {"jpeg", "webp", "bmshj2018-hyperprior", "no-diffusion"} <= set(summary["bd_rate"])
     assert (tmp_path / "results" / "rd_plot.png").is_file()
     table = (tmp_path / "results" / "rd_kodak.md").read_text()
+    bits = summary["bits"]
+    assert set(bits) == {"diffusion-hyperprior", "diffusion-hyperprior@0steps", "no-diffusion", "bmshj2018-hyperprior"}
+    assert all(b["real_over_table"] > 0 for b in bits.values())
+    rows = [r for r in csv.DictReader(open(tmp_path / "results" / "per_image.csv")) if r["curve"] in bits]
+    # each file holds the table-ideal bits plus its header and the coder's flushes, a few dozen bytes
+    assert rows and all(0 < (float(r["bpp"]) - float(r["bpp_table"])) * 64 * 96 <= 8 * 64 for r in rows)
     assert "| no-diffusion | lambda0.001 |" in table and "| diffusion-hyperprior | " in table and "vs bmshj2018-hyperprior" in table
     done = json.loads((tmp_path / "runs" / "no-diffusion" / "lambda0.001" / "done.json").read_text())
     budgets = json.loads((tmp_path / "results" / "step_budgets.json").read_text())

@@ -189,11 +189,48 @@ def test_evaluation_json_csv_real_bytes_and_roundtrip(image_dir, tmp_path):
     sizes = [len(bk.encode_image(model, lic_common.load_image(data / n))) for n in ("a.png", "b.png")]
     assert curve["results"]["bpp"][0] == pytest.approx(np.mean([8 * s / (48 * 64) for s in sizes]))
     assert summary["roundtrip_mismatches"] == 0
+    # the ideal code length under the coder's tables is below the file by at most its header and flushes
+    table = curve["results"]["bpp-table"][0]
+    assert 0 < table < curve["results"]["bpp"][0] <= table + 8 * 64 / (48 * 64)
     rows = (out / "per_image.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 + 2 * 2 and rows[0].startswith("curve,point,image,bpp,bpp_estimate,psnr")
     assert (out / "rd_plot.png").stat().st_size > 1000
     assert (out / "samples" / "diffusion-hyperprior" / "run_best_checkpoint" / "a_error.png").is_file()
     assert set(summary["bd_rates"]) == {"diffusion-hyperprior", "jpeg"}
+
+
+def test_table_code_bits_is_what_the_range_coder_writes():
+    from compressai import ans
+    from compressai.entropy_models import GaussianConditional
+
+    gc = GaussianConditional([0.2, 0.5, 1.0, 2.0, 5.0])
+    gc.update()
+    rng = np.random.default_rng(0)
+    indexes = rng.integers(0, 5, 20000)
+    symbols = np.round(rng.standard_normal(20000) * np.array([0.2, 0.5, 1.0, 2.0, 5.0])[indexes]).astype(int)
+    symbols[:50] = rng.integers(-3000, 3000, 50)  # outside every table: escape-coded
+    tables = gc._quantized_cdf.tolist(), gc._cdf_length.tolist(), gc._offset.tolist()
+    real = 8 * len(ans.RansEncoder().encode_with_indexes(symbols.tolist(), indexes.tolist(), *tables))
+    ideal = ev.table_code_bits(symbols, indexes, *tables)
+    assert 0 <= real - ideal <= 64 + 32  # the coder's final 64-bit state, written in 32-bit words
+    symbols[:50] = 0
+    assert ideal - ev.table_code_bits(symbols, indexes, *tables) > 50 * 20  # the escapes were counted
+
+
+def test_metered_coders_count_bits_and_leave_the_bytes_alone():
+    from compressai.zoo import bmshj2018_hyperprior
+
+    model = bmshj2018_hyperprior(quality=1).eval()
+    model.update(force=True)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        plain = model.compress(x)["strings"]
+        with ev.metered_coders(model) as metered:
+            assert model.compress(x)["strings"] == plain
+            bits = metered()
+    real = sum(8 * len(s[0]) for s in plain)
+    assert 0 < bits <= real <= bits + 2 * (64 + 32)
+    assert not isinstance(model.entropy_bottleneck.entropy_coder, ev.CodeLengthMeter)  # restored
 
 
 def test_bd_rate_matches_independent_values():
