@@ -237,7 +237,7 @@ def measure(args, device) -> list[ev.ImageResult]:
 
 def report(results: list[ev.ImageResult], args) -> dict:
     curves = ev.curves_from_results(results)
-    anchors = [a for a in ("jpeg", "webp", "bmshj2018-hyperprior", "no-diffusion") if a in curves]
+    anchors = [a for a in ("jpeg", "webp", "bmshj2018-hyperprior", "no-diffusion", "diffusion-hyperprior@0steps") if a in curves]
     bd = {anchor: ev.bd_rates(curves, anchor) for anchor in anchors}
     coding = {}  # where the bits go, per learned curve: totals over all its points and images
     for label in sorted({r.curve for r in results if not np.isnan(r.bpp_estimate)}):
