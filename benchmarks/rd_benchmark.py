@@ -69,9 +69,9 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
     setup = {k: getattr(args, k) for k in ("N", "M", "diffusion_steps", "unet_channels", "image_size", "batch_size", "budget_minutes")}
     if path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("setup", setup) == setup:
+        if cached.get("setup") == setup:
             return cached["steps"]
-        print(f"{path} was measured for {cached['setup']}, not {setup}: timing again")
+        print(f"{path} was measured for {cached.get('setup', 'unrecorded sizes')}, not {setup}: timing again")
     models = {}
     for curve in CURVES:
         cfg = tr.model_config(tr.parse_args(["--data_path", ".", "--N", str(args.N), "--M", str(args.M), *curve_flags(curve, args)]))
