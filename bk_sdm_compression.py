@@ -1,29 +1,47 @@
-"""Diffusion-hyperprior image codec, with BK-SDM or from-scratch components.
+"""Diffusion-hyperprior image codec: a masked-diffusion prior over the latent, with BK-SDM or
+from-scratch components.
 
-A learned image codec in the scale-hyperprior family (Ballé et al. 2018, "Variational image
+A learned image codec in the mean-scale hyperprior family (Ballé et al. 2018, "Variational image
 compression with a scale hyperprior"; Minnen et al. 2018, "Joint autoregressive and hierarchical
-priors") in which the mean of the latent's entropy model is predicted by a denoising diffusion
-U-Net (DDIM, Song et al. 2021) that starts from the hyper-decoder's output. The better the
-prediction, the fewer bits the residual costs: the diffusion does the entropy estimation.
+priors") whose entropy model for the latent is an absorbing-state (masked) diffusion that reveals
+the latent group by group, the autoregressive-diffusion view of Hoogeboom et al. 2022
+("Autoregressive Diffusion Models"). The chain starts at the hyper-decoder's prediction mu0, where
+nothing of y is known. Each reverse step runs one denoising U-Net, shared by all steps, on the
+partly revealed latent and the timestep that says how much is known; the Gaussian it predicts
+codes the next group of y (channel slices x checkerboard halves, as the channel-conditional and
+checkerboard context models of Minnen & Singh 2020 and He et al. 2021 split it), which is then
+revealed. The code length of y is exactly the chain's negative log-likelihood. A last U-Net pass,
+with everything revealed, predicts and removes what is left of the quantization error (latent
+residual prediction, Minnen & Singh 2020) before the synthesis transform.
 
     x (B, 3, H, W) in [0, 1]
-      -> analysis                 y       (B, M, H/s, W/s)   s = 16 (g_a) or the VAE's factor
-      -> h_a                      z       (B, N, H/4s, W/4s)
+      -> analysis                 y       (B, M, h, w)        h, w = H/s, W/s; s = 16 (g_a) or the VAE's
+      -> h_a                      z       (B, N, h/4, w/4)
       -> EntropyBottleneck        z_hat   (coded first)
-      -> h_s                      scales, mu0   (B, M, H/s, W/s) each
-      -> diffusion U-Net, `diffusion_steps` deterministic DDIM steps from mu0,
-         conditioned on [mu0, scales]                          prediction (B, M, H/s, W/s)
-      -> GaussianConditional(scales, means=prediction) codes round(y - prediction)
-      -> y_hat = round(y - prediction) + prediction            (mode "residual")
-         y_hat = prediction                                    (mode "z_only": nothing but z coded)
+      -> h_s                      sigma0, mu0   (B, M, h, w) each
+      -> for k = 0 .. S-1 (S = diffusion_steps; step k reveals group k):
+             U-Net([state_k, known_k, mu0, sigma0], t_k) -> mu_k, sigma_k   (B, M, h, w)
+             group k coded as round(y - mu_k) with GaussianConditional(sigma_k); decoded, it
+             replaces mu0 in state_{k+1}
+      -> y_hat = state_S + U-Net residual at t = 0        (``latent_denoise``)
       -> synthesis                x_hat   (B, 3, H, W)
+
+``diffusion_steps = 0`` is the hyper-decoder alone (mu0, sigma0 code all of y): the ablation.
+Mode ``z_only`` codes nothing but z: y_hat is the U-Net's prediction with nothing revealed.
+
+Training uses teacher forcing. The revealed groups hold the noisy proxy y + u, u ~ U(-1/2, 1/2),
+which does not depend on the predicted means (CompressAI's models train with the same proxy), so
+the S reveal steps and the denoising step are one batched U-Net pass with no backpropagation
+through a chain. In eval mode ``forward`` runs the exact chain with rounding, which is what
+``compress`` and ``decompress`` do.
 
 Analysis / synthesis are CompressAI-style convolutions with GDN (N channels, M latent channels),
 or the pretrained BK-SDM VAE (diffusers ``AutoencoderKL``; nota-ai/bk-sdm-small is a distilled
 Stable Diffusion) behind a learned per-channel quantization step. The U-Net is a small diffusers
-``UNet2DModel`` trained from scratch (the hyperprior is concatenated to its input), or BK-SDM's
-pretrained ``UNet2DConditionModel`` conditioned through an adapter that turns hyperprior features
-into its cross-attention tokens in place of text.
+``UNet2DModel`` trained from scratch, or BK-SDM's pretrained ``UNet2DConditionModel`` with its
+input convolution widened as Stable Diffusion's inpainting model widens it (the new input channels
+start at zero), a new zero-initialised output convolution, and cross-attention tokens made from
+the hyperprior by an adapter in place of text.
 
 Images of any size are padded (replicating the border) to a multiple of the model's total
 downsampling factor and cropped back after decoding.
@@ -46,6 +64,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -55,18 +74,19 @@ from compressai.layers import GDN
 from compressai.models import CompressionModel
 from compressai.models.base import get_scale_table
 from compressai.models.utils import conv, deconv
-from compressai.ops import quantize_ste
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 
 import lic_common
 
 # ---- Configuration ----
 
 ARCHITECTURE = "diffusion-hyperprior"
+CODEC_FORMAT = 2  # 1: the Gaussian DDIM prior of before; its checkpoints are refused with a message
 ENTROPY_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")  # derived by update()
 MODES = ("residual", "z_only")
-NOISE_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+REVEALS = ("checkerboard", "channels")
 HYPER_FACTOR = 4  # h_a downsamples the latent twice by 2
+SCRATCH_TIMESTEPS = 1000  # the from-scratch U-Net's timestep range, as a diffusers schedule's
 
 
 @dataclass
@@ -78,11 +98,10 @@ class CodecConfig:
 
     N: int = 128
     M: int = 128
-    diffusion_steps: int = 30
+    diffusion_steps: int = 4
+    reveal: str = "checkerboard"
+    latent_denoise: bool = True
     mode: str = "residual"
-    noise_schedule: str = "linear"
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
     use_pretrained_vae: bool = False
     use_pretrained_unet: bool = False
     bk_sdm_path: str | None = None
@@ -98,14 +117,26 @@ class CodecConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.noise_schedule not in NOISE_SCHEDULES:
-            raise ValueError(f"noise_schedule must be one of {tuple(NOISE_SCHEDULES)}, got {self.noise_schedule!r}")
+        if self.reveal not in REVEALS:
+            raise ValueError(f"reveal must be one of {REVEALS}, got {self.reveal!r}")
         if self.diffusion_steps < 0:
             raise ValueError(f"diffusion_steps must be >= 0, got {self.diffusion_steps}")
+        if self.reveal == "checkerboard" and self.diffusion_steps % 2:
+            raise ValueError(
+                f"reveal='checkerboard' takes two steps per channel slice (anchors, then the rest): "
+                f"diffusion_steps must be even, got {self.diffusion_steps}; or use reveal='channels'"
+            )
         if self.diffusion_strength is not None and not 0.0 < self.diffusion_strength <= 1.0:
             raise ValueError(f"diffusion_strength must be in (0, 1], got {self.diffusion_strength}")
         if (self.use_pretrained_vae or self.use_pretrained_unet) and not self.bk_sdm_path:
             raise ValueError("pretrained components need bk_sdm_path (a diffusers folder or a hub id)")
+
+    @property
+    def channel_slices(self) -> int:
+        """How many channel slices the latent is revealed in."""
+        if self.diffusion_steps == 0:
+            return 1
+        return self.diffusion_steps // 2 if self.reveal == "checkerboard" else self.diffusion_steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -141,8 +172,8 @@ def synthesis_transform(N: int, M: int) -> nn.Sequential:
 
 
 def hyper_analysis(N: int, M: int) -> nn.Sequential:
-    """h_a, (B,M,h,w) -> (B,N,h/4,w/4). It sees y itself, not |y|: the hyperprior carries the
-    mean as well as the scale, because its output is where the diffusion starts."""
+    """h_a, (B,M,h,w) -> (B,N,h/4,w/4), as in Minnen et al. 2018 (it sees y, not |y|: the
+    hyperprior carries the mean as well as the scale)."""
     return nn.Sequential(
         conv(M, N, stride=1, kernel_size=3), nn.LeakyReLU(inplace=True),
         conv(N, N, stride=2, kernel_size=5), nn.LeakyReLU(inplace=True),
@@ -151,11 +182,12 @@ def hyper_analysis(N: int, M: int) -> nn.Sequential:
 
 
 def hyper_synthesis(N: int, M: int) -> nn.Sequential:
-    """h_s, (B,N,h/4,w/4) -> (B,2M,h,w): scales and mu0 (the diffusion's initial latent)."""
+    """h_s, (B,N,h/4,w/4) -> (B,2M,h,w): sigma0 and mu0. The widths of Minnen et al. 2018
+    (CompressAI's ``mbt2018-mean``), the baseline this codec must beat."""
     return nn.Sequential(
-        deconv(N, N, stride=2, kernel_size=5), nn.LeakyReLU(inplace=True),
-        deconv(N, N * 3 // 2, stride=2, kernel_size=5), nn.LeakyReLU(inplace=True),
-        conv(N * 3 // 2, 2 * M, stride=1, kernel_size=3),
+        deconv(N, M, stride=2, kernel_size=5), nn.LeakyReLU(inplace=True),
+        deconv(M, M * 3 // 2, stride=2, kernel_size=5), nn.LeakyReLU(inplace=True),
+        conv(M * 3 // 2, 2 * M, stride=1, kernel_size=3),
     )  # fmt: skip
 
 
@@ -210,8 +242,6 @@ class CrossAttentionAdapter(nn.Module):
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         tokens = F.adaptive_avg_pool2d(self.proj(cond), self.grid)
         return self.norm(tokens.flatten(2).transpose(1, 2))
-
-
 class FastGaussianConditional(GaussianConditional):
     """CompressAI's ``GaussianConditional``, with the same indexes and the same bytes, faster.
 
@@ -256,12 +286,22 @@ class FastGaussianConditional(GaussianConditional):
         return self.dequantize(outputs.to(indexes.device), means, dtype)
 
 
+def _zero_conv_like(conv_layer: nn.Conv2d, in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A convolution of ``conv_layer``'s kernel, stride and padding with new channel counts, all zero."""
+    new = nn.Conv2d(in_channels, out_channels, conv_layer.kernel_size, conv_layer.stride, conv_layer.padding)
+    nn.init.zeros_(new.weight)
+    nn.init.zeros_(new.bias)
+    return new
+
+
 def scratch_unet(M: int, channels: int, levels: int, layers_per_block: int) -> UNet2DModel:
-    """A small diffusers U-Net that predicts the noise in y_t given [y_t, mu0, scales]."""
+    """A small diffusers U-Net: [state, known mask, mu0, sigma0] (4M channels) -> corrections to
+    (mu0, sigma0) (2M channels). Its output convolution starts at zero, so before training every
+    step predicts what the hyper-decoder predicts."""
     widths = tuple(channels * 2**i for i in range(levels))
-    return UNet2DModel(
-        in_channels=3 * M,
-        out_channels=M,
+    unet = UNet2DModel(
+        in_channels=4 * M,
+        out_channels=2 * M,
         block_out_channels=widths,
         down_block_types=("DownBlock2D",) * levels,
         up_block_types=("UpBlock2D",) * levels,
@@ -269,6 +309,27 @@ def scratch_unet(M: int, channels: int, levels: int, layers_per_block: int) -> U
         norm_num_groups=_group_count(channels),
         add_attention=False,
     )
+    nn.init.zeros_(unet.conv_out.weight)
+    nn.init.zeros_(unet.conv_out.bias)
+    return unet
+
+
+def adapt_pretrained_unet(unet: nn.Module, M: int) -> None:
+    """Condition BK-SDM's U-Net on the partly revealed latent, in place.
+
+    Its input convolution is widened from M to 4M channels ([state, known mask, mu0, sigma0]) as
+    Stable Diffusion's inpainting model widens it for its mask and masked image: the first M
+    input channels keep the pretrained weights, the new ones start at zero. Its output
+    convolution (M channels of noise) is replaced by a zero-initialised one giving 2M channels
+    (corrections to mu0 and sigma0). Both new convolutions are trained even when the rest is frozen.
+    """
+    old_in = unet.conv_in
+    new_in = _zero_conv_like(old_in, 4 * M, old_in.out_channels)
+    with torch.no_grad():
+        new_in.weight[:, :M] = old_in.weight
+        new_in.bias.copy_(old_in.bias)
+    unet.conv_in = new_in
+    unet.conv_out = _zero_conv_like(unet.conv_out, unet.conv_out.in_channels, 2 * M)
 
 
 # ---- The model ----
@@ -277,9 +338,9 @@ def scratch_unet(M: int, channels: int, levels: int, layers_per_block: int) -> U
 class DiffusionHyperprior(CompressionModel):
     """The codec. Build it with ``create_bk_sdm_compression_model`` or ``from_config``.
 
-    ``forward(x)`` -> {"x_hat", "y", "z", "y_hat", "prediction", "likelihoods": {"y"?, "z"},
-    "denoising_loss"}; ``compress(x)`` -> {"strings", "shape"} with ``shape`` the image's (H, W);
-    ``decompress(strings, shape)`` -> {"x_hat", "y_hat"}.
+    ``forward(x)`` -> {"x_hat", "y", "z", "y_hat", "prediction", "scales", "likelihoods": {"y"?, "z"}};
+    ``compress(x)`` -> {"strings", "shape"}: one string list per revealed group, then z's, with
+    ``shape`` the image's (H, W); ``decompress(strings, shape)`` -> {"x_hat", "y_hat"}.
     """
 
     def __init__(
@@ -288,14 +349,17 @@ class DiffusionHyperprior(CompressionModel):
         analysis: nn.Module,
         synthesis: nn.Module,
         unet: nn.Module | None,
-        scheduler: DDIMScheduler | None,
         adapter: nn.Module | None,
         latent_factor: int,
+        num_train_timesteps: int,
         frozen_prefixes: tuple[str, ...] = (),
+        trained_in_frozen: tuple[str, ...] = (),
     ):
         super().__init__()
         self.config = config
         N, M = config.N, config.M
+        if config.channel_slices > M:
+            raise ValueError(f"{config.diffusion_steps} steps of reveal={config.reveal!r} need more channel slices than the M={M} latent channels")
         self.g_a = analysis
         self.g_s = synthesis
         self.h_a = hyper_analysis(N, M)
@@ -304,65 +368,125 @@ class DiffusionHyperprior(CompressionModel):
         self.gaussian_conditional = FastGaussianConditional(None)
         self.unet = unet
         self.adapter = adapter
-        self.scheduler = scheduler
         self.frozen_prefixes = frozen_prefixes
+        self.trained_in_frozen = trained_in_frozen  # new layers inside a frozen pretrained module
         unet_factor = 2 ** (len(unet.config.block_out_channels) - 1) if unet is not None else 1
         self.pad_multiple = latent_factor * max(HYPER_FACTOR, unet_factor)
         self.latent_factor = latent_factor
-        self.set_inference_steps(config.diffusion_steps)
+        # timestep of reverse step k (k groups known), k = 0..S: from the start of the covered
+        # part of the schedule (nothing known) down to 0 (everything known: the denoising step)
+        S = config.diffusion_steps
+        strength = config.diffusion_strength
+        if strength is None:  # see create_bk_sdm_compression_model
+            strength = PRETRAINED_DEFAULT_STRENGTH if config.use_pretrained_unet else 1.0
+        top = (num_train_timesteps - 1) * strength
+        self.step_timesteps = torch.tensor([round(top * (S - k) / S) for k in range(S + 1)] if S else [0])
+        self.set_inference_steps(S)
+        # decode with the denoising step; False measures it on its own (the bitstream is the same)
+        self.latent_denoise = config.latent_denoise
 
-    # -- the diffusion prediction --
+    # -- the masked-diffusion prior --
 
     def set_inference_steps(self, steps: int) -> None:
-        """Run ``steps`` DDIM steps when predicting y (0: the hyper-decoder's mu0 alone).
-
-        Encoder and decoder must use the same count; the file header records it.
-        """
-        if steps < 0:
-            raise ValueError(f"diffusion steps must be >= 0, got {steps}")
-        if steps > 0 and self.unet is None:
-            raise ValueError("this model was built with diffusion_steps=0 and has no U-Net")
+        """Decode with the chain of ``diffusion_steps`` reverse steps, or with 0 (the hyper-decoder
+        alone codes all of y: what the steps contribute, on the same weights). The group a step
+        reveals is fixed by the configuration, so no other count exists; the file header
+        records the count and the decoder refuses another."""
+        if steps not in (0, self.config.diffusion_steps):
+            raise ValueError(
+                f"this model reveals its latent in {self.config.diffusion_steps} steps: it codes with "
+                f"{self.config.diffusion_steps} or 0 (the hyper-decoder alone), not {steps}"
+            )
         self.inference_steps = steps
-        if steps == 0:
-            self.timesteps = torch.zeros(0, dtype=torch.long)
-            return
-        self.scheduler.set_timesteps(steps)
-        strength = self.config.diffusion_strength
-        if strength is None:  # see create_bk_sdm_compression_model
-            strength = PRETRAINED_DEFAULT_STRENGTH if self.config.use_pretrained_unet else 1.0
-        keep = max(1, round(steps * strength))
-        self.timesteps = self.scheduler.timesteps[-keep:].clone()
 
-    def _predict_noise(self, sample: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def reveal_groups(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """(M, h, w) long: the reverse step that reveals each latent element.
+
+        ``checkerboard``: channel slice c (M split into S/2 near-equal slices) is revealed in two
+        steps, 2c its anchors ((i + j) even) and 2c+1 the rest (ELIC's spatial-channel order).
+        ``channels``: step c reveals slice c whole. With 0 steps, or in mode ``z_only``, one group.
+        """
+        M = self.config.M
+        if self.inference_steps == 0 or self.config.mode == "z_only":
+            return torch.zeros(M, height, width, dtype=torch.long, device=device)
+        slices = torch.cat([torch.full((len(s),), i) for i, s in enumerate(torch.arange(M).tensor_split(self.config.channel_slices))])
+        groups = slices.to(device)[:, None, None].expand(M, height, width)
+        if self.config.reveal == "channels":
+            return groups.contiguous()
+        i, j = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+        return 2 * groups + ((i + j) % 2)[None]
+
+    def _predict(self, state: torch.Tensor, known: torch.Tensor, step: torch.Tensor, mu0: torch.Tensor,
+                 sigma0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """One U-Net pass: (B, M, h, w) state, known mask, hyperprior; (B,) step -> fp32
+        corrections (d_mu, d_sigma) to (mu0, sigma0), each (B, M, h, w)."""
+        inputs = torch.cat([state, known.to(state.dtype), mu0, sigma0], dim=1)
+        t = self.step_timesteps.to(step.device)[step]
         if self.adapter is None:
-            return self.unet(torch.cat([sample, cond], dim=1), t).sample
-        return self.unet(sample, t, encoder_hidden_states=self.adapter(cond)).sample
+            out = self.unet(inputs, t).sample
+        else:
+            out = self.unet(inputs, t, encoder_hidden_states=self.adapter(torch.cat([mu0, sigma0], dim=1))).sample
+        d_mu, d_sigma = out.float().chunk(2, dim=1)
+        return d_mu, d_sigma
 
-    def predict_latent(self, mu0: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Deterministic DDIM (eta = 0) from mu0 down to t = 0; the result predicts y."""
-        sample = mu0
-        for t in self.timesteps:
-            tt = t.expand(sample.shape[0]).to(sample.device)
-            eps = self._predict_noise(sample, tt, cond)
-            sample = self.scheduler.step(eps.float(), int(t), sample.float(), eta=0.0).prev_sample
-        return sample
+    def _teacher_forced(self, y_noisy: torch.Tensor, mu0: torch.Tensor, sigma0: torch.Tensor):
+        """Training: every reverse step (and the denoising step) in one batched U-Net pass, the
+        revealed groups holding ``y_noisy``. -> (means, scales, residual or None), (B, M, h, w)."""
+        if self.inference_steps == 0:
+            return mu0, sigma0, None
+        B, M, h, w = y_noisy.shape
+        groups = self.reveal_groups(h, w, y_noisy.device)
+        residual_mode = self.config.mode == "residual"
+        steps = list(range(self.inference_steps)) if residual_mode else [0]
+        denoise = residual_mode and self.config.latent_denoise
+        if denoise:
+            steps.append(self.inference_steps)
+        n = len(steps)
+        known = torch.stack([groups < k for k in steps])[:, None].expand(n, B, M, h, w)
+        state = torch.where(known, y_noisy[None], mu0[None])
 
-    def denoising_loss(self, y: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The DDPM objective: predict the noise added to y at a random timestep of the part of
-        the schedule the chain runs through, given the hyperprior."""
-        if self.unet is None or len(self.timesteps) == 0:
-            return y.new_zeros(())
-        t_max = int(self.timesteps[0]) + 1
-        t = torch.randint(0, t_max, (y.shape[0],), device=y.device)
-        noise = torch.randn_like(y)
-        noisy = self.scheduler.add_noise(y, noise, t).to(y.dtype)
-        return F.mse_loss(self._predict_noise(noisy, t, cond).float(), noise.float())
+        def flat(t):
+            return t.reshape(n * B, M, h, w)
 
-    def hyper_decode(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """z_hat -> (scales, prediction of y, U-Net condition); the same in forward and decode."""
-        scales, mu0 = self.h_s(z_hat).chunk(2, dim=1)
-        cond = torch.cat([mu0, scales], dim=1)
-        return scales, self.predict_latent(mu0, cond), cond
+        step = torch.tensor(steps, device=y_noisy.device).repeat_interleave(B)
+        d_mu, d_sigma = self._predict(flat(state), flat(known), step, mu0.repeat(n, 1, 1, 1), sigma0.repeat(n, 1, 1, 1))
+        d_mu, d_sigma = d_mu.view(n, B, M, h, w), d_sigma.view(n, B, M, h, w)
+        reveal = n - denoise
+        pick = F.one_hot(groups, reveal).permute(3, 0, 1, 2).to(d_mu.dtype)[:, None]  # (reveal, 1, M, h, w)
+        means = mu0 + (pick * d_mu[:reveal]).sum(0)
+        scales = sigma0 + (pick * d_sigma[:reveal]).sum(0)
+        return means, scales, d_mu[-1] if denoise else None
+
+    def _run_chain(self, mu0: torch.Tensor, sigma0: torch.Tensor, code_group: Callable) -> tuple:
+        """The reverse chain, as the decoder runs it. ``code_group(k, selected, means, scales)``
+        gets group k's Gaussians ((B, n_k) each) and returns its decoded values.
+        -> (y_hat, means, scales, state before the denoising step), (B, M, h, w) each."""
+        B, M, h, w = mu0.shape
+        groups = self.reveal_groups(h, w, mu0.device)
+        state, means, scales = mu0.clone(), mu0.clone(), sigma0.clone()
+        for k in range(max(1, self.inference_steps if self.config.mode == "residual" else 1)):
+            selected = groups == k
+            if self.inference_steps:
+                step = torch.full((B,), k, device=mu0.device)
+                d_mu, d_sigma = self._predict(state, (groups < k).expand(B, M, h, w), step, mu0, sigma0)
+                means[:, selected] = (mu0 + d_mu)[:, selected]
+                scales[:, selected] = (sigma0 + d_sigma)[:, selected]
+            state[:, selected] = code_group(k, selected, means[:, selected], scales[:, selected])
+        y_hat = state
+        if self.inference_steps and self.config.mode == "residual" and self.latent_denoise:
+            step = torch.full((B,), self.inference_steps, device=mu0.device)
+            y_hat = state + self._predict(state, torch.ones_like(state, dtype=torch.bool), step, mu0, sigma0)[0]
+        return y_hat, means, scales, state
+
+    def hyper_decode(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_hat -> (mu0, sigma0), fp32; the same in forward and decode."""
+        sigma0, mu0 = self.h_s(z_hat).float().chunk(2, dim=1)
+        return mu0, sigma0
+
+    def _y_likelihoods(self, values: torch.Tensor, scales: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+        gc = self.gaussian_conditional
+        likelihood = gc._likelihood(values, scales, means)
+        return gc.likelihood_lower_bound(likelihood) if gc.use_likelihood_bound else likelihood
 
     # -- geometry --
 
@@ -387,52 +511,59 @@ class DiffusionHyperprior(CompressionModel):
         z = self.h_a(y)
         with torch.autocast(device_type=x.device.type, enabled=False):
             z_hat, z_likelihoods = self.entropy_bottleneck(z.float())
-        scales, prediction, cond = self.hyper_decode(z_hat)
+        mu0, sigma0 = self.hyper_decode(z_hat)
+        y = y.float()
         likelihoods = {"z": z_likelihoods}
+        if self.training:
+            y_coded = y + torch.empty_like(y).uniform_(-0.5, 0.5)  # the noisy proxy of round(y - mu) + mu
+            means, scales, residual = self._teacher_forced(y_coded, mu0, sigma0)
+            y_hat = y_coded if self.config.mode == "residual" else means
+            if residual is not None:
+                y_hat = y_hat + residual
+        else:
+            def quantize(k, selected, means, scales):
+                return self.gaussian_conditional.quantize(y[:, selected], "dequantize", means)
+
+            y_hat, means, scales, y_coded = self._run_chain(mu0, sigma0, quantize if self.config.mode == "residual" else
+                                                            lambda k, selected, means, scales: means)  # fmt: skip
         if self.config.mode == "residual":
             with torch.autocast(device_type=x.device.type, enabled=False):
-                _, likelihoods["y"] = self.gaussian_conditional(y.float(), scales.float(), means=prediction.float())
-            y_hat = quantize_ste(y - prediction) + prediction
-        else:
-            y_hat = prediction
+                likelihoods["y"] = self._y_likelihoods(y_coded, scales, means)
         x_hat = self.g_s(y_hat)[..., :height, :width]
-        # The denoising loss trains the U-Net alone: its magnitude (~1) dwarfs the rate-distortion
-        # terms (~1e-2), and reaching h_s through `cond` it would tune the scales and means for
-        # conditioning instead of for coding. The entropy model learns from the RD loss, which
-        # also reaches the U-Net through the DDIM chain that makes the prediction.
-        denoising = self.denoising_loss(y.detach(), cond.detach()) if self.training else y.new_zeros(())
-        return {
-            "x_hat": x_hat,
-            "y": y,
-            "z": z,
-            "y_hat": y_hat,
-            "prediction": prediction,
-            "likelihoods": likelihoods,
-            "denoising_loss": denoising,
-        }
+        return {"x_hat": x_hat, "y": y, "z": z, "y_hat": y_hat, "prediction": means, "scales": scales, "likelihoods": likelihoods}
 
     def compress(self, x: torch.Tensor) -> dict:
         height, width = x.shape[-2:]
-        y = self.g_a(self._pad(x))
+        y = self.g_a(self._pad(x)).float()
         z = self.h_a(y)
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
-        scales, prediction, _ = self.hyper_decode(z_hat)
-        strings = [z_strings]
+        mu0, sigma0 = self.hyper_decode(z_hat)
+        strings = []
         if self.config.mode == "residual":
-            indexes = self.gaussian_conditional.build_indexes(scales)
-            strings.insert(0, self.gaussian_conditional.compress(y, indexes, means=prediction))
-        return {"strings": strings, "shape": (height, width)}
+            gc = self.gaussian_conditional
+
+            def code(k, selected, means, scales):
+                values = y[:, selected]
+                strings.append(gc.compress(values, gc.build_indexes(scales), means=means))
+                return gc.quantize(values, "dequantize", means)
+
+            self._run_chain(mu0, sigma0, code)
+        return {"strings": [*strings, z_strings], "shape": (height, width)}
 
     def decompress(self, strings: list, shape: tuple[int, int]) -> dict:
         height, width = shape
+        if len(strings) != self.num_strings:
+            raise ValueError(f"expected {self.num_strings} string lists (one per revealed group, then z), got {len(strings)}")
         z_hat = self.entropy_bottleneck.decompress(strings[-1], self.z_shape(height, width))
-        scales, prediction, _ = self.hyper_decode(z_hat)
-        if self.config.mode == "residual":
-            indexes = self.gaussian_conditional.build_indexes(scales)
-            y_hat = self.gaussian_conditional.decompress(strings[0], indexes, z_hat.dtype, means=prediction)
-        else:
-            y_hat = prediction
+        mu0, sigma0 = self.hyper_decode(z_hat)
+        gc = self.gaussian_conditional
+
+        def decode(k, selected, means, scales):
+            return gc.decompress(strings[k], gc.build_indexes(scales), mu0.dtype, means=means)
+
+        residual_mode = self.config.mode == "residual"
+        y_hat = self._run_chain(mu0, sigma0, decode if residual_mode else lambda k, selected, means, scales: means)[0]
         x_hat = self.g_s(y_hat)[..., :height, :width].clamp(0, 1)
         return {"x_hat": x_hat, "y_hat": y_hat}
 
@@ -449,13 +580,19 @@ class DiffusionHyperprior(CompressionModel):
 
     @property
     def num_strings(self) -> int:
-        return 2 if self.config.mode == "residual" else 1
+        """String lists in ``compress``'s output: one per revealed group, then z's."""
+        if self.config.mode == "z_only":
+            return 1
+        return 1 + max(1, self.inference_steps)
 
     # -- checkpoints --
 
+    def _frozen(self, name: str) -> bool:
+        return name.startswith(self.frozen_prefixes) and not name.startswith(self.trained_in_frozen)
+
     def trainable_state_dict(self) -> dict:
         """The state a checkpoint stores: everything but the frozen pretrained weights."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.frozen_prefixes)}
+        return {k: v for k, v in self.state_dict().items() if not self._frozen(k)}
 
     def load_trainable_state_dict(self, state: dict) -> None:
         """Load a checkpoint's state. Entropy tables it leaves out (``slim_checkpoint``) stay empty
@@ -463,7 +600,7 @@ class DiffusionHyperprior(CompressionModel):
         own = self.state_dict()
         state = {k: own[k] for k in own if k.endswith(ENTROPY_TABLES) and k not in state} | state
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(self.frozen_prefixes)]
+        missing = [k for k in missing if not self._frozen(k)]
         if missing or unexpected:
             raise lic_common.CheckpointError(
                 "checkpoint does not match the model built from its config: "
@@ -475,6 +612,7 @@ class DiffusionHyperprior(CompressionModel):
         """What any checkpoint of this codec holds so that ``load_codec`` can rebuild it."""
         return {
             "architecture": ARCHITECTURE,
+            "codec_format": CODEC_FORMAT,
             "config": self.config.to_dict(),
             "state_dict": self.trainable_state_dict(),
         }
@@ -495,8 +633,8 @@ class DiffusionHyperprior(CompressionModel):
 
 # ---- Factory ----
 
-# With BK-SDM's 1000-step schedule, the chain starts at 20% of it, where the signal still
-# dominates (alpha_bar ~ 0.75, as at the end of the from-scratch schedule).
+# With BK-SDM's 1000-step schedule, the chain's timesteps cover its first 20%, where the signal
+# still dominates: the pretrained U-Net sees inputs like those it was trained to clean up.
 PRETRAINED_DEFAULT_STRENGTH = 0.2
 
 
@@ -513,9 +651,9 @@ def _load_pretrained(cls, path: str, subfolder: str):
 
 def from_config(config: CodecConfig) -> DiffusionHyperprior:
     """Build the model a config describes (pretrained parts loaded from ``config.bk_sdm_path``)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    frozen = []
+    frozen, trained_in_frozen = [], []
     if config.use_pretrained_vae:
         vae = _load_pretrained(AutoencoderKL, config.bk_sdm_path, "vae")
         if config.M != vae.config.latent_channels:
@@ -530,7 +668,8 @@ def from_config(config: CodecConfig) -> DiffusionHyperprior:
         analysis, synthesis = analysis_transform(config.N, config.M), synthesis_transform(config.N, config.M)
         latent_factor = 16
 
-    unet = scheduler = adapter = None
+    unet = adapter = None
+    timesteps = SCRATCH_TIMESTEPS
     if config.diffusion_steps > 0 and config.use_pretrained_unet:
         unet = _load_pretrained(UNet2DConditionModel, config.bk_sdm_path, "unet")
         if unet.config.in_channels != config.M or unet.config.out_channels != config.M:
@@ -538,33 +677,26 @@ def from_config(config: CodecConfig) -> DiffusionHyperprior:
                 f"the pretrained U-Net works on {unet.config.in_channels} latent channels but the latent has "
                 f"M={config.M}; use the pretrained VAE with it (use_pretrained_vae=True) or set M to match"
             )
-        scheduler = _load_pretrained(DDIMScheduler, config.bk_sdm_path, "scheduler")
-        scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
-        dim = unet.config.cross_attention_dim
-        dim = dim[0] if isinstance(dim, (list, tuple)) else dim
-        adapter = CrossAttentionAdapter(2 * config.M, dim, config.adapter_grid)
+        timesteps = _load_pretrained(DDIMScheduler, config.bk_sdm_path, "scheduler").config.num_train_timesteps
         if not config.finetune_pretrained:
             unet.requires_grad_(False)
             frozen.append("unet.")
+            trained_in_frozen += ["unet.conv_in.", "unet.conv_out."]
+        adapt_pretrained_unet(unet, config.M)  # new layers, trainable
+        dim = unet.config.cross_attention_dim
+        dim = dim[0] if isinstance(dim, (list, tuple)) else dim
+        adapter = CrossAttentionAdapter(2 * config.M, dim, config.adapter_grid)
     elif config.diffusion_steps > 0:
         unet = scratch_unet(config.M, config.unet_channels, config.unet_levels, config.unet_layers_per_block)
-        scheduler = DDIMScheduler(
-            num_train_timesteps=config.diffusion_steps,
-            beta_start=config.beta_start,
-            beta_end=config.beta_end,
-            beta_schedule=NOISE_SCHEDULES[config.noise_schedule],
-            clip_sample=False,
-            set_alpha_to_one=True,
-            prediction_type="epsilon",
-        )
-    return DiffusionHyperprior(config, analysis, synthesis, unet, scheduler, adapter, latent_factor, tuple(frozen))
+    return DiffusionHyperprior(config, analysis, synthesis, unet, adapter, latent_factor, timesteps,
+                               tuple(frozen), tuple(trained_in_frozen))  # fmt: skip
 
 
 def create_bk_sdm_compression_model(
     bk_sdm_path: str | None = None,
     N: int = 128,
     M: int = 128,
-    diffusion_steps: int = 30,
+    diffusion_steps: int = 4,
     use_pretrained_vae: bool = False,
     use_pretrained_unet: bool = False,
     **kwargs,
@@ -575,15 +707,16 @@ def create_bk_sdm_compression_model(
         bk_sdm_path: a local diffusers folder or a hub id (e.g. ``nota-ai/bk-sdm-small``) holding
             ``vae/``, ``unet/`` and ``scheduler/``; needed only for pretrained components.
         N: channels of the transforms and of z.  M: latent channels (the VAE's when pretrained).
-        diffusion_steps: DDIM steps that predict y (0: the hyper-decoder's output alone). For the
-            from-scratch U-Net also its number of training timesteps.
+        diffusion_steps: reverse steps of the masked diffusion, each revealing one group of the
+            latent (0: the hyper-decoder alone codes it).
         use_pretrained_vae / use_pretrained_unet: BK-SDM components instead of from-scratch ones.
-        **kwargs: any other ``CodecConfig`` field: ``mode`` ("residual" or "z_only"),
-            ``noise_schedule`` ("linear" or "cosine"), ``beta_start``, ``beta_end``,
-            ``finetune_pretrained`` (pretrained parts are frozen unless True), ``unet_channels``,
-            ``unet_levels``, ``unet_layers_per_block``, ``diffusion_strength`` (fraction of the
-            schedule the chain covers; default 1.0 from scratch, 0.2 with BK-SDM's U-Net),
-            ``latent_gain_init``, ``adapter_grid``, ``scale_table_levels``.
+        **kwargs: any other ``CodecConfig`` field: ``reveal`` ("checkerboard": S/2 channel slices
+            x 2 checkerboard halves, or "channels": S channel slices), ``latent_denoise`` (the last
+            step that removes quantization error; default True), ``mode`` ("residual" or
+            "z_only"), ``finetune_pretrained`` (pretrained parts are frozen unless True),
+            ``unet_channels``, ``unet_levels``, ``unet_layers_per_block``, ``diffusion_strength``
+            (fraction of the U-Net's timestep range the chain covers; default 1.0 from scratch,
+            0.2 with BK-SDM's U-Net), ``latent_gain_init``, ``adapter_grid``, ``scale_table_levels``.
     """
     config = CodecConfig(
         N=N,
@@ -597,7 +730,7 @@ def create_bk_sdm_compression_model(
     return from_config(config)
 
 
-def create_diffusion_hyperprior_model(N: int = 128, M: int = 128, diffusion_steps: int = 50, **kwargs):
+def create_diffusion_hyperprior_model(N: int = 128, M: int = 128, diffusion_steps: int = 4, **kwargs):
     """The from-scratch codec (no pretrained component), under the name its users already call."""
     return create_bk_sdm_compression_model(None, N=N, M=M, diffusion_steps=diffusion_steps, **kwargs)
 
@@ -616,7 +749,23 @@ def slim_checkpoint(ckpt: dict, half: bool = True) -> dict:
         return h if (h.float() - t).abs().max() <= eps * t.abs().max() else t
 
     state = {k: pack(v) for k, v in ckpt["state_dict"].items() if not k.endswith(ENTROPY_TABLES)}
-    return {"architecture": ckpt["architecture"], "config": ckpt["config"], "state_dict": state}
+    return {"architecture": ckpt["architecture"], "codec_format": ckpt.get("codec_format", 1), "config": ckpt["config"],
+            "state_dict": state}  # fmt: skip
+
+
+def check_codec_checkpoint(ckpt: dict, path: str | Path) -> None:
+    """``CheckpointError`` unless ``ckpt`` holds a codec this version can rebuild."""
+    arch = ckpt.get("architecture")
+    if arch != ARCHITECTURE or "config" not in ckpt or "state_dict" not in ckpt:
+        what = f"a '{arch}' checkpoint" if arch else "not a checkpoint of train_bk_sdm_compression.py"
+        raise lic_common.CheckpointError(f"{path}: {what}; expected a '{ARCHITECTURE}' codec checkpoint")
+    found = ckpt.get("codec_format", 1)
+    if found != CODEC_FORMAT:
+        raise lic_common.CheckpointError(
+            f"{path}: a codec of format {found} ({'the Gaussian DDIM prior' if found == 1 else 'unknown'}); this "
+            f"version reads format {CODEC_FORMAT} (the masked-diffusion prior). Retrain it, or use the "
+            "reference checkpoints in reference_checkpoints/"
+        )
 
 
 def load_codec(
@@ -628,13 +777,10 @@ def load_codec(
     """Rebuild a trained codec from a checkpoint, entropy tables ready, in eval mode.
 
     ``bk_sdm_path`` overrides where the pretrained parts are loaded from (e.g. a local copy);
-    ``diffusion_steps`` overrides the number of DDIM steps used to predict y (0 included).
+    ``diffusion_steps`` overrides the number of reverse steps (0: the hyper-decoder alone).
     """
     ckpt = lic_common.load_checkpoint(path)
-    arch = ckpt.get("architecture")
-    if arch != ARCHITECTURE or "config" not in ckpt or "state_dict" not in ckpt:
-        what = f"a '{arch}' checkpoint" if arch else "not a checkpoint of train_bk_sdm_compression.py"
-        raise lic_common.CheckpointError(f"{path}: {what}; expected a '{ARCHITECTURE}' codec checkpoint")
+    check_codec_checkpoint(ckpt, path)
     config = CodecConfig.from_dict(ckpt["config"])
     if bk_sdm_path is not None and (config.use_pretrained_vae or config.use_pretrained_unet):
         config = dataclasses.replace(config, bk_sdm_path=bk_sdm_path)
@@ -649,7 +795,7 @@ def load_codec(
 # ---- Bitstream file ----
 
 MAGIC = b"BKSD"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: the Gaussian DDIM prior's files
 _HEADER = struct.Struct(">4sBB8sIIHB")  # magic, version, mode, model id, height, width, steps, strings
 _LENGTH = struct.Struct(">I")
 _CRC = struct.Struct(">I")
@@ -738,10 +884,15 @@ def decode_image(
         raise BitstreamError(
             f"the file was made with another checkpoint (id {header.model_id.hex()}, this one is {model_id.hex()})"
         )
-    if header.mode != model.config.mode or len(strings) != model.num_strings:
+    if header.mode != model.config.mode:
         raise BitstreamError(f"the file's mode {header.mode!r} does not match the checkpoint's")
     if header.diffusion_steps != model.inference_steps:
-        model.set_inference_steps(header.diffusion_steps)
+        raise BitstreamError(
+            f"the file was coded with {header.diffusion_steps} diffusion steps; this decoder is set to "
+            f"{model.inference_steps} (the step count decides which group each string holds)"
+        )
+    if len(strings) != model.num_strings:
+        raise BitstreamError(f"the file holds {len(strings)} strings; {model.num_strings} expected")
     return model.decompress([[s] for s in strings], (header.height, header.width))["x_hat"][0]
 
 
@@ -760,8 +911,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument("--device", default="cpu", help="torch device (decode on the device that encoded)")
         p.add_argument("--bk_sdm_path", default=None, help="where the pretrained BK-SDM parts are, if not where the checkpoint says")
         p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image (pixels) accepted")
-        if name == "compress":
-            p.add_argument("--diffusion_steps", type=int, default=None, help="DDIM steps (default: the checkpoint's)")
+        p.add_argument("--diffusion_steps", type=int, default=None,
+                       help="reverse steps, the checkpoint's or 0 (default: the checkpoint's to compress, the file's to decompress)")
     return parser.parse_args(argv)
 
 
@@ -780,8 +931,14 @@ def run_compress(args: argparse.Namespace) -> dict:
 
 def run_decompress(args: argparse.Namespace) -> dict:
     data = Path(args.input).read_bytes()
-    read_bitstream(data, args.max_pixels)  # a bad file fails before the model is built
+    header, _ = read_bitstream(data, args.max_pixels)  # a bad file fails before the model is built
+    steps = header.diffusion_steps if args.diffusion_steps is None else args.diffusion_steps
     model, _ = load_codec(args.checkpoint, args.device, args.bk_sdm_path)
+    if steps != model.inference_steps:
+        try:
+            model.set_inference_steps(steps)
+        except ValueError as e:
+            raise BitstreamError(f"the file was coded with {steps} diffusion steps, which this checkpoint cannot decode: {e}") from None
     start = time.perf_counter()
     x_hat = decode_image(model, data, args.max_pixels)
     seconds = time.perf_counter() - start
@@ -795,7 +952,7 @@ def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     try:
         return run_compress(args) if args.command == "compress" else run_decompress(args)
-    except (BitstreamError, lic_common.CheckpointError, lic_common.ImageError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, lic_common.CheckpointError, lic_common.ImageError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

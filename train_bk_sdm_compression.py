@@ -2,12 +2,11 @@
 
 Rate-distortion training as in Ballé et al. 2018 and CompressAI's ``examples/train.py``:
 
-    loss = D + lambda_rate * bpp + diffusion_weight * denoising_loss
+    loss = D + lambda_rate * bpp
 
-with D the MSE of images in [0, 1] (or 1 - MS-SSIM), bpp = -sum(log2 likelihoods) / pixels, and
-the denoising loss the DDPM noise-prediction error of the codec's U-Net (zero for CompressAI's
-models; it trains the U-Net only, the entropy model learns from D and bpp). A larger
-``--lambda_rate`` compresses harder. CompressAI writes the same trade-off as
+with D the MSE of images in [0, 1] (or 1 - MS-SSIM) and bpp = -sum(log2 likelihoods) / pixels.
+For the codec the rate of y is the masked diffusion's negative log-likelihood, so this one loss
+trains the U-Net too. A larger ``--lambda_rate`` compresses harder. CompressAI writes the same trade-off as
 ``lmbda * 255^2 * MSE + bpp``, so ``lambda_rate = 1 / (255^2 * lmbda)``: its qualities 1..8
 (lmbda 0.0018 ... 0.18) are lambda_rate 8.5e-3, 4.4e-3, 2.3e-3, 1.2e-3, 6.2e-4, 3.2e-4, 1.7e-4,
 8.5e-5. The entropy bottleneck's ``quantiles`` have their own Adam (the auxiliary loss).
@@ -66,7 +65,38 @@ def build_model(config: dict) -> nn.Module:
         return bk.from_config(bk.CodecConfig.from_dict(config["codec"]))
     from compressai.zoo.image import model_architectures
 
-    return model_architectures[config["architecture"]](config["N"], config["M"])
+    return entropy_models_in_fp32(model_architectures[config["architecture"]](config["N"], config["M"]))
+
+
+def entropy_models_in_fp32(model: nn.Module) -> nn.Module:
+    """Run every CompressAI entropy model of ``model`` outside autocast, on fp32 inputs, as the
+    codec runs its own: under bfloat16 the likelihoods (and so the rate term) would lose bits of
+    precision. Changes nothing without autocast. (Each entropy model's class becomes a subclass
+    whose ``forward`` does this, so copies and state dicts are unaffected.)"""
+    from compressai.entropy_models import EntropyModel
+
+    for module in model.modules():
+        if isinstance(module, EntropyModel) and not isinstance(module, _FP32Forward):
+            module.__class__ = _fp32_class(type(module))
+    return model
+
+
+class _FP32Forward:
+    def forward(self, *args, **kwargs):
+        args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+        device = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return super().forward(*args, **kwargs)
+
+
+_FP32_CLASSES: dict[type, type] = {}
+
+
+def _fp32_class(cls: type) -> type:
+    if cls not in _FP32_CLASSES:
+        _FP32_CLASSES[cls] = type(f"FP32{cls.__name__}", (_FP32Forward, cls), {})
+    return _FP32_CLASSES[cls]
 
 
 def model_config(args: argparse.Namespace) -> dict:
@@ -76,10 +106,9 @@ def model_config(args: argparse.Namespace) -> dict:
             N=args.N,
             M=args.M,
             diffusion_steps=args.diffusion_steps,
+            reveal=args.reveal,
+            latent_denoise=args.latent_denoise,
             mode=args.mode,
-            noise_schedule=args.noise_schedule,
-            beta_start=args.beta_start,
-            beta_end=args.beta_end,
             use_pretrained_vae=args.use_pretrained_vae,
             use_pretrained_unet=args.use_pretrained_unet,
             bk_sdm_path=args.bk_sdm_path if (args.use_pretrained_vae or args.use_pretrained_unet) else None,
@@ -209,11 +238,11 @@ def split_files(files: list[Path], val_fraction: float) -> tuple[list[Path], lis
 
 
 class RateDistortionLoss(nn.Module):
-    """loss = D + lambda_rate * bpp + diffusion_weight * denoising_loss (see the module docstring)."""
+    """loss = D + lambda_rate * bpp (see the module docstring)."""
 
-    def __init__(self, lambda_rate: float, distortion: str = "mse", diffusion_weight: float = 1.0):
+    def __init__(self, lambda_rate: float, distortion: str = "mse"):
         super().__init__()
-        self.lambda_rate, self.distortion, self.diffusion_weight = lambda_rate, distortion, diffusion_weight
+        self.lambda_rate, self.distortion = lambda_rate, distortion
 
     def forward(self, out: dict, x: torch.Tensor) -> dict:
         x_hat = out["x_hat"].float()
@@ -224,10 +253,9 @@ class RateDistortionLoss(nn.Module):
             distortion = mse
         else:
             distortion = 1 - lic_common.ms_ssim(x, x_hat)
-        denoising = out.get("denoising_loss", x.new_zeros(())).float()
-        loss = distortion + self.lambda_rate * bpp + self.diffusion_weight * denoising
+        loss = distortion + self.lambda_rate * bpp
         psnr = -10 * torch.log10(mse.detach().clamp_min(1e-10))
-        return {"loss": loss, "mse": mse, "bpp": bpp, "denoising": denoising, "psnr": psnr}
+        return {"loss": loss, "mse": mse, "bpp": bpp, "psnr": psnr}
 
 
 class LRSchedule:
@@ -269,10 +297,11 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 
 def time_training_steps(models: dict[str, nn.Module], criterion: nn.Module, x: torch.Tensor, steps: int,
-                        lr: float = 1e-4, aux_lr: float = 1e-3) -> dict[str, list[float]]:  # fmt: skip
+                        lr: float = 1e-4, aux_lr: float = 1e-3, amp: bool = False) -> dict[str, list[float]]:  # fmt: skip
     """Seconds of each plain training step (forward, loss, backward, both Adam steps; no data
-    loading) of several models, interleaved step by step so they see the same machine state.
-    The benchmarks' throughput and step budgets come from here."""
+    loading) of several models, interleaved step by step so they see the same machine state;
+    ``amp``: forward under bfloat16 autocast, as ``--amp`` trains. The benchmarks' throughput and
+    step budgets come from here."""
     state = {}
     for name, model in models.items():
         main, aux = split_parameters(model.train())
@@ -280,7 +309,9 @@ def time_training_steps(models: dict[str, nn.Module], criterion: nn.Module, x: t
     for _ in range(steps):
         for model, opt, aux_opt, times in state.values():
             start = time.perf_counter()
-            loss = criterion(model(x), x)["loss"]
+            with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(x)
+            loss = criterion(out, x)["loss"]
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -297,7 +328,7 @@ def time_training_steps(models: dict[str, nn.Module], criterion: nn.Module, x: t
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] + " loss = D + lambda_rate * bpp + diffusion_weight * denoising_loss.",
+        description=__doc__.split("\n\n")[0] + " loss = D + lambda_rate * bpp.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
@@ -306,11 +337,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--bk_sdm_path", default="nota-ai/bk-sdm-small", help="diffusers folder or hub id of BK-SDM (pretrained parts only)")
     g.add_argument("--N", type=int, default=128, help="channels of the transforms and of z")
     g.add_argument("--M", type=int, default=128, help="latent channels (the VAE's with --use_pretrained_vae)")
-    g.add_argument("--diffusion_steps", type=int, default=30, help="DDIM steps predicting y; also the from-scratch schedule's timesteps (0: hyper-decoder alone)")
-    g.add_argument("--noise_schedule", default="linear", choices=tuple(bk.NOISE_SCHEDULES), help="from-scratch beta schedule")
-    g.add_argument("--beta_start", type=float, default=0.0001, help="first beta of the from-scratch schedule")
-    g.add_argument("--beta_end", type=float, default=0.02, help="last beta of the from-scratch schedule")
-    g.add_argument("--diffusion_strength", type=float, default=None, help="fraction of the schedule the chain covers (default 1.0 from scratch, 0.2 with BK-SDM's U-Net)")
+    g.add_argument("--diffusion_steps", type=int, default=4, help="reverse steps of the masked-diffusion prior, each revealing one group of the latent (0: the hyper-decoder alone)")
+    g.add_argument("--reveal", default="checkerboard", choices=bk.REVEALS, help="the groups: steps/2 channel slices x 2 checkerboard halves, or steps channel slices")
+    g.add_argument("--latent_denoise", action=argparse.BooleanOptionalAction, default=True, help="a last U-Net pass removes what is left of the quantization error")
+    g.add_argument("--diffusion_strength", type=float, default=None, help="fraction of the U-Net's timestep range the chain covers (default 1.0 from scratch, 0.2 with BK-SDM's U-Net)")
     g.add_argument("--mode", default="residual", choices=bk.MODES, help="code the residual around the prediction, or z only")
     g.add_argument("--use_pretrained_vae", action=argparse.BooleanOptionalAction, default=False, help="BK-SDM's VAE as analysis/synthesis")
     g.add_argument("--use_pretrained_unet", action=argparse.BooleanOptionalAction, default=False, help="BK-SDM's U-Net as the denoiser")
@@ -321,7 +351,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g = p.add_argument_group("optimisation")
     g.add_argument("--lambda_rate", type=float, default=1e-4, help="rate weight; larger compresses harder (CompressAI quality q: 1 / (255^2 lmbda_q))")
     g.add_argument("--distortion", default="mse", choices=("mse", "ms-ssim"), help="D in the loss")
-    g.add_argument("--diffusion_weight", type=float, default=1.0, help="weight of the U-Net's denoising loss")
     g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the model")
     g.add_argument("--aux_lr", type=float, default=1e-3, help="Adam learning rate of the entropy bottleneck's quantiles")
     g.add_argument("--lr_schedule", default="cosine", choices=("cosine", "constant"), help="decay after warm-up, over the step or time budget")
@@ -334,8 +363,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no step budget)")
     g.add_argument("--time_budget", type=float, default=0.0, help="stop after this many minutes of training (0: none)")
     g.add_argument("--budget_clock", default="wall", choices=("wall", "process"), help="what --time_budget counts: wall time, or this process's CPU time (all threads; steady when other work shares the machine)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA (ignored on the CPU)")
-    g.add_argument("--amp_dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype on CUDA")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision (autocast; entropy models stay fp32) on CUDA and on the CPU")
+    g.add_argument("--amp_dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype (the CPU takes bfloat16 only)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data_path", required=True, help="folder of training images (searched recursively)")
@@ -398,12 +427,14 @@ class Trainer:
         self.config = resume_ckpt["run_config"]["model"] if resume_ckpt else model_config(args)
         lic_common.seed_everything(args.seed)
         self.model = build_model(self.config).to(self.device)
-        self.criterion = RateDistortionLoss(args.lambda_rate, args.distortion, args.diffusion_weight)
+        self.criterion = RateDistortionLoss(args.lambda_rate, args.distortion)
         main_params, aux_params = split_parameters(self.model)
         self.optimizer = torch.optim.Adam(main_params, lr=args.lr)
         self.aux_optimizer = torch.optim.Adam(aux_params, lr=args.aux_lr)
         self.schedule = LRSchedule(self.optimizer, args.lr_schedule, args.warmup_steps, args.min_lr_ratio)
-        use_amp = args.amp and self.device.type == "cuda"
+        if args.amp and self.device.type == "cpu" and args.amp_dtype != "bfloat16":
+            raise ValueError("--amp on the CPU takes --amp_dtype bfloat16 (or pass --no-amp)")
+        use_amp = args.amp and self.device.type in ("cuda", "cpu")
         self.amp_dtype = getattr(torch, args.amp_dtype) if use_amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp_dtype == "float16")
         self.train_loader, self.val_loader = self._build_data()
@@ -421,6 +452,8 @@ class Trainer:
         ckpt = lic_common.load_checkpoint(path)
         if "run_config" not in ckpt:
             raise lic_common.CheckpointError(f"{path} is not a training checkpoint of this script (no run_config)")
+        if ckpt["run_config"]["model"]["architecture"] == bk.ARCHITECTURE:
+            bk.check_codec_checkpoint(ckpt, path)
         return ckpt
 
     def _build_data(self) -> tuple[DataLoader, DataLoader]:
@@ -512,7 +545,7 @@ class Trainer:
     def autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def budget_left(self) -> bool:
         a, s = self.args, self.state

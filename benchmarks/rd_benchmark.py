@@ -3,11 +3,14 @@
 Trains, with the project's own training script and under one fixed budget per rate point:
 - the from-scratch diffusion-hyperprior codec ("diffusion-hyperprior");
 - the same codec with the diffusion switched off, trained that way ("no-diffusion");
-- CompressAI's bmshj2018-hyperprior of the same N / M ("bmshj2018-hyperprior");
-then measures them on Kodak with real bitstreams, together with the diffusion checkpoints decoded
-with 0 DDIM steps ("diffusion-hyperprior@0steps": what the U-Net itself contributes) and JPEG,
-WebP and AVIF through Pillow. Prints BD-rates against JPEG, WebP and the hyperprior, and writes
-``rd_kodak.json``, ``per_image.csv`` and ``rd_plot.png`` into ``--results_dir``.
+- CompressAI's bmshj2018-hyperprior, mbt2018-mean (the same mean-scale hyperprior: the fair
+  baseline) and mbt2018 (plus a serial spatial context: what context is worth) of the same N / M;
+then measures them on Kodak with real bitstreams, together with the codec's checkpoints decoded
+with 0 steps ("diffusion-hyperprior@0steps": what the steps contribute on the same weights) and
+without the final denoising step ("diffusion-hyperprior@nodenoise"), and JPEG, WebP and AVIF
+through Pillow. Prints BD-rates against each baseline, and writes ``rd_kodak.json``,
+``per_image.csv``, ``rd_plot.png`` and ``val_curves.png`` (per-step validation of every curve at
+one rate point) into ``--results_dir``.
 
 The budget is equal training compute: each model trains for as many steps as it completes in
 ``--budget_minutes`` of its own measured step time (``step_budgets``), so a faster model gets more
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import sys
 from contextlib import contextmanager
@@ -42,14 +46,17 @@ import evaluate_bk_sdm_compression as ev  # noqa: E402
 import lic_common  # noqa: E402
 import train_bk_sdm_compression as tr  # noqa: E402
 
-CURVES = ("diffusion-hyperprior", "bmshj2018-hyperprior", "no-diffusion")  # training order within a rate point
+CODEC_CURVES = ("diffusion-hyperprior", "no-diffusion")
+COMPRESSAI_CURVES = ("bmshj2018-hyperprior", "mbt2018-mean", "mbt2018")
+CURVES = (*CODEC_CURVES, *COMPRESSAI_CURVES)  # training order within a rate point
 
 
 def curve_flags(curve: str, args: argparse.Namespace) -> list[str]:
-    if curve == "bmshj2018-hyperprior":
-        return ["--model", "bmshj2018-hyperprior"]
+    amp = ["--amp" if args.amp else "--no-amp"]
+    if curve in COMPRESSAI_CURVES:
+        return ["--model", curve, *amp]
     steps = args.diffusion_steps if curve == "diffusion-hyperprior" else 0
-    return ["--diffusion_steps", str(steps), "--unet_channels", str(args.unet_channels), "--diffusion_weight", str(args.diffusion_weight)]
+    return ["--diffusion_steps", str(steps), "--unet_channels", str(args.unet_channels), *amp]
 
 
 def run_dir(args, curve: str, lam: float) -> Path:
@@ -66,7 +73,8 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
     ``step_budgets.json`` with the sizes it was measured for; other sizes are timed again.
     """
     path = Path(args.results_dir) / "step_budgets.json"
-    setup = {k: getattr(args, k) for k in ("N", "M", "diffusion_steps", "unet_channels", "image_size", "batch_size", "budget_minutes")}
+    setup = {k: getattr(args, k) for k in ("N", "M", "diffusion_steps", "unet_channels", "image_size", "batch_size", "budget_minutes", "amp")}
+    setup["curves"] = list(CURVES)
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("setup") == setup:
@@ -77,9 +85,9 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
         cfg = tr.model_config(tr.parse_args(["--data_path", ".", "--N", str(args.N), "--M", str(args.M), *curve_flags(curve, args)]))
         torch.manual_seed(args.seed)
         models[curve] = tr.build_model(cfg)
-    criterion = tr.RateDistortionLoss(args.lambdas[0], diffusion_weight=args.diffusion_weight)
+    criterion = tr.RateDistortionLoss(args.lambdas[0])
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
-    times = tr.time_training_steps(models, criterion, x, args.timing_steps, lr=args.lr)
+    times = tr.time_training_steps(models, criterion, x, args.timing_steps, lr=args.lr, amp=args.amp)
     seconds = {curve: min(t[1:]) for curve, t in times.items()}  # the first step warms up
     steps = {curve: max(1, int(args.budget_minutes * 60 / s)) for curve, s in seconds.items()}  # 0 would mean "no limit"
     lic_common.write_text_atomic(path, json.dumps({"seconds_per_step": seconds, "steps": steps, "threads": torch.get_num_threads(),
@@ -204,7 +212,7 @@ def codecs_to_measure(args, device) -> list[tuple[ev.Codec, Path | None]]:
             if not (run_dir(args, curve, lam) / "done.json").is_file():
                 continue
             point, ckpt = f"lambda{lam:g}", run_dir(args, curve, lam) / "best_checkpoint.pth"
-            if curve == "bmshj2018-hyperprior":
+            if curve in COMPRESSAI_CURVES:
                 model = ev.load_learned(str(ckpt), argparse.Namespace(bk_sdm_path=None, diffusion_steps=None))
                 codecs.append((ev.LearnedCodec(curve, point, model, device), ckpt))
                 continue
@@ -213,6 +221,9 @@ def codecs_to_measure(args, device) -> list[tuple[ev.Codec, Path | None]]:
                 if not ckpt.is_file():
                     export_reference(args, lam)
                 codecs.append((ev.LearnedCodec(f"{curve}@0steps", point, bk.load_codec(ckpt, diffusion_steps=0)[0], device), ckpt))
+                plain = bk.load_codec(ckpt)[0]
+                plain.latent_denoise = False
+                codecs.append((ev.LearnedCodec(f"{curve}@nodenoise", point, plain, device), ckpt))
             codecs.append((ev.LearnedCodec(curve, point, bk.load_codec(ckpt)[0], device), ckpt))
     for name in ("jpeg", "webp", "avif"):
         codecs += [(ev.PillowCodec(name, q), None) for q in ev.DEFAULT_QUALITIES[name]]
@@ -237,7 +248,8 @@ def measure(args, device) -> list[ev.ImageResult]:
 
 def report(results: list[ev.ImageResult], args) -> dict:
     curves = ev.curves_from_results(results)
-    anchors = [a for a in ("jpeg", "webp", "bmshj2018-hyperprior", "no-diffusion", "diffusion-hyperprior@0steps") if a in curves]
+    anchors = [a for a in ("jpeg", "webp", *COMPRESSAI_CURVES, "no-diffusion", "diffusion-hyperprior@0steps",
+                           "diffusion-hyperprior@nodenoise") if a in curves]  # fmt: skip
     bd = {anchor: ev.bd_rates(curves, anchor) for anchor in anchors}
     coding = {}  # where the bits go, per learned curve: totals over all its points and images
     for label in sorted({r.curve for r in results if not np.isnan(r.bpp_estimate)}):
@@ -256,11 +268,51 @@ def report(results: list[ev.ImageResult], args) -> dict:
     lic_common.write_text_atomic(out / "rd_kodak.json", json.dumps(summary, indent=2))
     ev.write_per_image_csv(results, out / "per_image.csv")
     ev.plot_rd(curves, out / "rd_plot.png", title=f"Kodak ({len(summary['images'])} images), {summary['budget']}")
+    summary["validation"] = plot_validation_curves(args, out / "val_curves.png")
+    lic_common.write_text_atomic(out / "rd_kodak.json", json.dumps(summary, indent=2))
 
     text = markdown(summary)
     lic_common.write_text_atomic(out / "rd_kodak.md", text)
     print(text)
     return summary
+
+
+VAL_LINE = re.compile(r"step (\d+): .*\| val loss ([\d.]+) bpp ([\d.]+) psnr ([\d.]+)")
+
+
+def validation_curve(log: Path) -> dict[str, list[float]]:
+    """Per-step validation (loss, bpp estimate, PSNR) from a run's training.log."""
+    rows = [tuple(map(float, m.groups())) for m in map(VAL_LINE.search, log.read_text().splitlines()) if m]
+    return {k: [r[i] for r in rows] for i, k in enumerate(("step", "loss", "bpp", "psnr"))}
+
+
+def plot_validation_curves(args: argparse.Namespace, path: Path) -> dict:
+    """Validation loss, bpp and PSNR against training step, every curve at one rate point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lam = args.val_curves_lambda or args.lambdas[len(args.lambdas) // 2]
+    curves = {c: validation_curve(run_dir(args, c, lam) / "training.log") for c in CURVES
+              if (run_dir(args, c, lam) / "training.log").is_file()}  # fmt: skip
+    if not curves:
+        return {}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, c in curves.items():
+        for ax, key in zip(axes, ("loss", "bpp", "psnr")):
+            ax.plot(c["step"], c[key], label=name)
+    for ax, title in zip(axes, ("validation loss (D + lambda R)", "validation bpp (estimate)", "validation PSNR (dB)")):
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    fig.suptitle(f"lambda_rate {lam:g}: per-step validation, equal training compute per curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"lambda": lam, "curves": curves}
 
 
 def markdown(summary: dict) -> str:
@@ -309,11 +361,12 @@ def parse_args(argv):
     p.add_argument("--timing_steps", type=int, default=6, help="timed training steps per model for the step budget")
     p.add_argument("--lambdas", type=float, nargs="+", default=[2.3e-3, 1.2e-3, 6.2e-4], help="lambda_rate of the rate points (CompressAI q3, q4, q5)")
     p.add_argument("--curves", nargs="+", default=list(CURVES), choices=CURVES, help="which learned curves to train")
+    p.add_argument("--val_curves_lambda", type=float, default=None, help="rate point whose per-step validation curves are plotted (default: the middle of --lambdas)")
     p.add_argument("--N", type=int, default=64, help="channels (all learned models)")
     p.add_argument("--M", type=int, default=96, help="latent channels (all learned models)")
-    p.add_argument("--diffusion_steps", type=int, default=2, help="DDIM steps of the diffusion curve")
+    p.add_argument("--diffusion_steps", type=int, default=4, help="reverse steps of the diffusion curve")
     p.add_argument("--unet_channels", type=int, default=32, help="U-Net width")
-    p.add_argument("--diffusion_weight", type=float, default=1.0, help="weight of the denoising loss")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="train every model under bfloat16 autocast (entropy models in fp32)")
     p.add_argument("--image_size", type=int, default=64, help="training crop")
     p.add_argument("--batch_size", type=int, default=16, help="batch size")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (warm-up, then cosine over the budget)")

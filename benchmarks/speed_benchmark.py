@@ -1,14 +1,16 @@
-"""Speed benchmark: the codec with and without its diffusion against CompressAI's hyperprior.
+"""Speed benchmark: the codec with and without its diffusion steps against CompressAI's hyperprior.
 
 Interleaved in one run, on the same images and device:
 - encode and decode time per Kodak image (real bitstreams: our complete file; CompressAI's
   strings), and the peak memory that one encode + decode of the first image adds, each model in
   a fresh child process (CPU: peak resident set size above the loaded model, Linux; CUDA: peak
   allocated);
-- the U-Net's cost per DDIM step at Kodak's latent size;
+- the U-Net's cost per reverse step at Kodak's latent size;
 - training throughput (images / s) of each model under the same loop (forward, rate-distortion
-  loss, backward, both optimizers) on random crops.
-Ratios are against ``bmshj2018-hyperprior`` of the same N / M. Models are the benchmark's trained
+  loss, backward, both optimizers; bfloat16 autocast with ``--amp``) on random crops, the codec
+  trained without diffusion (``--diffusion_steps 0``) among them.
+Ratios are against ``bmshj2018-hyperprior`` of the same N / M, and the codec's training step
+against its own without diffusion. Models are the benchmark's trained
 checkpoints when given (``--checkpoint``, ``--hyperprior_checkpoint``), else freshly initialised
 ones (entropy coding time depends on the rate, so trained checkpoints give the honest figures).
 
@@ -41,7 +43,7 @@ REFERENCE = "bmshj2018-hyperprior"
 
 
 def build_models(args) -> dict[str, torch.nn.Module]:
-    """The three models: ours with its diffusion steps, the same weights with 0 steps, CompressAI's."""
+    """The three models: ours with its reverse steps, the same weights with 0 steps, CompressAI's."""
     if args.checkpoint:
         ours = bk.load_codec(args.checkpoint)[0]
         ours_0 = bk.load_codec(args.checkpoint, diffusion_steps=0)[0]
@@ -115,16 +117,16 @@ def peak_memory_mb(args, names, x, device) -> dict:
 
 
 def unet_step_seconds(model: bk.DiffusionHyperprior, x: torch.Tensor, repeats: int) -> float | None:
+    """Seconds of one U-Net pass (one reverse step) at the latent size of image ``x``."""
     if model.unet is None:
         return None
     with torch.no_grad():
         y = model.g_a(model._pad(x[None]))
-        cond = torch.cat([y, y], 1)
-        t = torch.zeros(1, dtype=torch.long)
-        model._predict_noise(y, t, cond)  # warm-up
+        known, step = torch.zeros_like(y, dtype=torch.bool), torch.zeros(1, dtype=torch.long)
+        model._predict(y, known, step, y, y)  # warm-up
         start = time.perf_counter()
         for _ in range(repeats):
-            model._predict_noise(y, t, cond)
+            model._predict(y, known, step, y, y)
     return (time.perf_counter() - start) / repeats
 
 
@@ -134,9 +136,9 @@ def training_throughput(args, models: dict, steps: int) -> dict:
     for name, m in models.items():
         if name == "ours (0 steps)" and args.checkpoint is None:
             m = bk.create_diffusion_hyperprior_model(args.N, args.M, 0)  # trained without diffusion
-        trained[name] = m
+        trained[name] = m if isinstance(m, bk.DiffusionHyperprior) else tr.entropy_models_in_fp32(m)
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
-    times = tr.time_training_steps(trained, tr.RateDistortionLoss(1e-3), x, args.train_steps + 2)
+    times = tr.time_training_steps(trained, tr.RateDistortionLoss(1e-3), x, args.train_steps + 2, amp=args.amp)
     return {name: args.batch_size / statistics.median(t[2:]) for name, t in times.items()}  # two warm-up steps
 
 
@@ -147,13 +149,14 @@ def parse_args(argv):
     p.add_argument("--hyperprior_checkpoint", default=None, help="trained bmshj2018-hyperprior checkpoint (else a fresh model)")
     p.add_argument("--N", type=int, default=64, help="channels of fresh models")
     p.add_argument("--M", type=int, default=96, help="latent channels of fresh models")
-    p.add_argument("--diffusion_steps", type=int, default=2, help="DDIM steps of a fresh model")
+    p.add_argument("--diffusion_steps", type=int, default=4, help="reverse steps of a fresh model")
     p.add_argument("--unet_channels", type=int, default=32, help="U-Net width of a fresh model")
     p.add_argument("--max_images", type=int, default=6, help="Kodak images coded (0: all 24)")
     p.add_argument("--repeats", type=int, default=2, help="passes over the images (medians are reported)")
     p.add_argument("--train_steps", type=int, default=10, help="timed training steps per model")
     p.add_argument("--batch_size", type=int, default=16, help="training batch")
     p.add_argument("--image_size", type=int, default=64, help="training crop")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="train under bfloat16 autocast (as the RD benchmark does)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "speed.json"), help="JSON with every figure")
@@ -179,13 +182,18 @@ def main(argv) -> dict:
                                           "training": (throughput[REFERENCE] / throughput[name]) if throughput else None}
                                    for name, c in coding.items()},
     }  # fmt: skip
+    if throughput:
+        ours_name = next(iter(models))
+        result["training_step_vs_no_diffusion"] = throughput["ours (0 steps)"] / throughput[ours_name]
     print(f"{'model':<22}{'encode s':>10}{'decode s':>10}{'enc ratio':>11}{'dec ratio':>11}{'peak MB':>9}{'train img/s':>13}")
     for name, c in coding.items():
         r = result["ratios_vs_" + REFERENCE][name]
         print(f"{name:<22}{c['encode']:>10.3f}{c['decode']:>10.3f}{r['encode']:>11.2f}{r['decode']:>11.2f}"
               f"{memory[name]:>9.0f}{throughput.get(name, float('nan')):>13.1f}")  # fmt: skip
     if unet:
-        print(f"U-Net: {unet * 1000:.1f} ms per DDIM step at the latent size of a {images[0].shape[-1]}x{images[0].shape[-2]} image")
+        print(f"U-Net: {unet * 1000:.1f} ms per reverse step at the latent size of a {images[0].shape[-1]}x{images[0].shape[-2]} image")
+    if throughput:
+        print(f"training step: {result['training_step_vs_no_diffusion']:.2f}x the codec's without diffusion")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))
     return result

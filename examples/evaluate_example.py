@@ -22,12 +22,12 @@ def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="codec checkpoint from train_bk_sdm_compression.py")
     p.add_argument("--data_path", required=True, help="folder of images")
-    p.add_argument("--diffusion_steps", type=int, default=None, help="override the checkpoint's DDIM steps")
+    p.add_argument("--diffusion_steps", type=int, default=None, help="reverse steps: the checkpoint's (default) or 0")
     args = p.parse_args(argv)
 
     model, ckpt = load_codec(args.checkpoint, "cpu", diffusion_steps=args.diffusion_steps)
     print(f"{args.checkpoint}: {ckpt['config']['N']}/{ckpt['config']['M']} channels, "
-          f"{model.inference_steps} DDIM steps, mode {model.config.mode}")  # fmt: skip
+          f"{model.inference_steps} reverse steps, mode {model.config.mode}")  # fmt: skip
     rows = []
     for path in lic_common.list_images(args.data_path):
         x = lic_common.load_image(path)

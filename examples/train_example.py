@@ -34,9 +34,9 @@ def main(argv):
     p.add_argument("--steps", type=int, default=200, help="training steps")
     p.add_argument("--N", type=int, default=64, help="channels of the transforms")
     p.add_argument("--M", type=int, default=96, help="latent channels")
-    p.add_argument("--diffusion_steps", type=int, default=4, help="DDIM steps predicting the latent")
+    p.add_argument("--diffusion_steps", type=int, default=4, help="reverse steps of the masked-diffusion prior (groups of the latent revealed one by one)")
     p.add_argument("--crop", type=int, default=64, help="training crop size")
-    p.add_argument("--lambda_rate", type=float, default=1.2e-3, help="rate weight (loss = MSE + lambda_rate * bpp + denoising)")
+    p.add_argument("--lambda_rate", type=float, default=1.2e-3, help="rate weight (loss = MSE + lambda_rate * bpp)")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -52,7 +52,7 @@ def main(argv):
         out = model(x)
         bpp = lic_common.bpp_from_likelihoods(out["likelihoods"], x.shape[0] * args.crop**2)
         mse = torch.nn.functional.mse_loss(out["x_hat"], x)
-        loss = mse + args.lambda_rate * bpp + out["denoising_loss"]
+        loss = mse + args.lambda_rate * bpp
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(main_params, 1.0)

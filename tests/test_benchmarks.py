@@ -24,29 +24,34 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
             "--N", "8", "--M", "8", "--unet_channels", "8", "--batch_size", "2", "--epoch_size", "4",
             "--warmup_steps", "1", "--threads", "1"]  # fmt: skip
     summary = rd_benchmark.main(argv)
-    assert set(summary["curves"]) == {"diffusion-hyperprior", "diffusion-hyperprior@0steps", "no-diffusion",
-                                      "bmshj2018-hyperprior", "jpeg", "webp", "avif"}  # fmt: skip
+    learned = {"diffusion-hyperprior", "diffusion-hyperprior@0steps", "diffusion-hyperprior@nodenoise", "no-diffusion",
+               "bmshj2018-hyperprior", "mbt2018-mean", "mbt2018"}  # fmt: skip
+    assert set(summary["curves"]) == learned | {"jpeg", "webp", "avif"}
     assert len(summary["curves"]["diffusion-hyperprior"]["results"]["bpp"]) == 2
-    assert {"jpeg", "webp", "bmshj2018-hyperprior", "no-diffusion"} <= set(summary["bd_rate"])
-    assert (tmp_path / "results" / "rd_plot.png").is_file()
+    assert {"jpeg", "webp", "bmshj2018-hyperprior", "mbt2018-mean", "mbt2018", "no-diffusion"} <= set(summary["bd_rate"])
+    assert (tmp_path / "results" / "rd_plot.png").is_file() and (tmp_path / "results" / "val_curves.png").is_file()
+    val = summary["validation"]
+    assert val["lambda"] == 1e-3 and set(val["curves"]) == {c for c in learned if "@" not in c}
+    assert all(len(c["step"]) >= 1 and c["step"] == sorted(c["step"]) for c in val["curves"].values())
     table = (tmp_path / "results" / "rd_kodak.md").read_text()
     bits = summary["bits"]
-    assert set(bits) == {"diffusion-hyperprior", "diffusion-hyperprior@0steps", "no-diffusion", "bmshj2018-hyperprior"}
+    assert set(bits) == learned
     assert all(b["real_over_table"] > 0 for b in bits.values())
     rows = [r for r in csv.DictReader(open(tmp_path / "results" / "per_image.csv")) if r["curve"] in bits]
-    # each file holds the table-ideal bits plus its header and the coder's flushes, a few dozen bytes
-    assert rows and all(0 < (float(r["bpp"]) - float(r["bpp_table"])) * 64 * 96 <= 8 * 64 for r in rows)
+    # each file holds the table-ideal bits plus its header (29 bytes with the CRC) and, for each of
+    # its strings (5 with 4 reverse steps: 4 groups and z), a 4-byte length and the coder's flush
+    assert rows and all(0 < (float(r["bpp"]) - float(r["bpp_table"])) * 64 * 96 <= 8 * (29 + 5 * 12) for r in rows)
     assert "| no-diffusion | lambda0.001 |" in table and "| diffusion-hyperprior | " in table and "vs bmshj2018-hyperprior" in table
     done = json.loads((tmp_path / "runs" / "no-diffusion" / "lambda0.001" / "done.json").read_text())
     budgets = json.loads((tmp_path / "results" / "step_budgets.json").read_text())
-    assert set(budgets["steps"]) == {"diffusion-hyperprior", "no-diffusion", "bmshj2018-hyperprior"}
+    assert set(budgets["steps"]) == {c for c in learned if "@" not in c}
     assert budgets["steps"]["diffusion-hyperprior"] == max(1, int(0.18 / budgets["seconds_per_step"]["diffusion-hyperprior"]))
     assert "--diffusion_steps 0" in done["command"] and done["step"] == budgets["steps"]["no-diffusion"] >= 1
     shipped = sorted(p.name for p in (tmp_path / "ref").iterdir())
     assert shipped == ["diffusion-hyperprior-lambda0.001.pth", "diffusion-hyperprior-lambda0.01.pth"]
     import bk_sdm_compression as bk
 
-    assert set(torch.load(tmp_path / "ref" / shipped[0], weights_only=True)) == {"architecture", "config", "state_dict"}
+    assert set(torch.load(tmp_path / "ref" / shipped[0], weights_only=True)) == {"architecture", "codec_format", "config", "state_dict"}
     bk.load_codec(tmp_path / "ref" / shipped[0])
     # a second call trains nothing and re-measures nothing: everything comes from the caches
     stamp = (tmp_path / "runs" / "no-diffusion" / "lambda0.001" / "best_checkpoint.pth").stat().st_mtime_ns

@@ -11,7 +11,7 @@ import bk_sdm_compression as bk
 import lic_common
 from conftest import write_image
 
-TINY = dict(N=16, M=16, diffusion_steps=3, unet_channels=8)
+TINY = dict(N=16, M=16, diffusion_steps=4, unet_channels=8)
 
 
 def tiny_model(mode="residual", **kw):
@@ -38,20 +38,29 @@ def save_ckpt(model, path):
 # ---- forward ----
 
 
+def perturbed(model, scale=0.05):
+    """The model with its U-Net moved off its zero-initialised output, as training moves it."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
 @pytest.mark.parametrize("mode", bk.MODES)
 def test_forward_scratch_keys_and_shapes(mode):
-    model = tiny_model(mode).train()
+    model = tiny_model(mode, diffusion_steps=4).train()
     x = torch.rand(2, 3, 64, 64)
     out = model(x)
     assert out["x_hat"].shape == x.shape
     assert out["y"].shape == (2, 16, 4, 4) and out["z"].shape == (2, 16, 1, 1)
-    assert out["prediction"].shape == out["y"].shape
+    assert out["prediction"].shape == out["scales"].shape == out["y"].shape
     expected = {"y", "z"} if mode == "residual" else {"z"}
     assert set(out["likelihoods"]) == expected
-    assert out["denoising_loss"].item() > 0
-    loss = out["x_hat"].pow(2).mean() + out["denoising_loss"]
+    # one rate-distortion loss trains the U-Net (its zero-initialised output layer first)
+    loss = out["x_hat"].pow(2).mean() - sum(p.log2().sum() for p in out["likelihoods"].values()) * 1e-3
     loss.backward()
-    assert model.unet.conv_in.weight.grad.abs().sum() > 0
+    assert model.unet.conv_out.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("mode", bk.MODES)
@@ -61,23 +70,37 @@ def test_forward_pretrained_reads_sizes_from_configs(tiny_bk_sdm, mode):
     assert model.config.M == 3
     assert model.latent_factor == 2
     assert model.adapter.proj.out_channels == 24
+    # conditioned like SD's inpainting model: input widened to [state, known, mu0, sigma0]
+    assert model.unet.conv_in.in_channels == 12 and model.unet.conv_out.out_channels == 6
     x = torch.rand(1, 3, 32, 32)
     out = model(x)
     assert out["x_hat"].shape == x.shape
     assert out["y"].shape == (1, 3, 16, 16)
     assert ("y" in out["likelihoods"]) == (mode == "residual")
-    # frozen by default: the pretrained weights get no gradient and are not in the checkpoint
-    assert not any(p.requires_grad for p in model.unet.parameters())
+    # frozen by default: the pretrained weights get no gradient and are not in the checkpoint;
+    # the new input and output convolutions are trained and stored
+    assert not any(p.requires_grad for n, p in model.unet.named_parameters() if not n.startswith(("conv_in.", "conv_out.")))
+    assert model.unet.conv_in.weight.requires_grad and model.unet.conv_out.weight.requires_grad
     assert not any(p.requires_grad for p in model.g_a.vae.parameters())
     state = model.trainable_state_dict()
-    assert not any(k.startswith(("unet.", "g_a.vae.")) for k in state)
-    assert "g_a.log_gain" in state and "adapter.proj.weight" in state
+    assert not any(k.startswith(("unet.", "g_a.vae.")) for k in state if not k.startswith(("unet.conv_in.", "unet.conv_out.")))
+    assert {"g_a.log_gain", "adapter.proj.weight", "unet.conv_in.weight", "unet.conv_out.weight"} <= set(state)
+
+
+def test_pretrained_unet_keeps_its_weights_for_the_latent_channels(tiny_bk_sdm):
+    from diffusers import UNet2DConditionModel
+
+    original = UNet2DConditionModel.from_pretrained(str(tiny_bk_sdm), subfolder="unet")
+    model = pretrained_model(tiny_bk_sdm)
+    w = model.unet.conv_in.weight
+    assert torch.equal(w[:, :3], original.conv_in.weight) and not w[:, 3:].any()
+    assert not model.unet.conv_out.weight.any()
 
 
 def test_pretrained_finetune_switch_trains_them(tiny_bk_sdm):
     model = pretrained_model(tiny_bk_sdm, finetune_pretrained=True)
     assert all(p.requires_grad for p in model.unet.parameters())
-    assert any(k.startswith("unet.") for k in model.trainable_state_dict())
+    assert any(k.startswith("unet.down_blocks") for k in model.trainable_state_dict())
 
 
 def test_missing_bk_sdm_says_so_and_suggests_scratch(tmp_path):
@@ -94,38 +117,76 @@ def test_diffusion_steps_zero_is_the_hyper_decoder_alone():
     assert torch.equal(out["prediction"], mu0)
 
 
-def test_diffusion_changes_the_prediction_and_schedules_come_from_diffusers():
-    model = ready(tiny_model(noise_schedule="cosine"))
-    assert model.scheduler.config.beta_schedule == "squaredcos_cap_v2"
-    assert model.scheduler.config.num_train_timesteps == 3
+def test_the_chain_starts_at_the_hyperprior_and_the_steps_change_it():
+    """The U-Net's output layer starts at zero: an untrained chain predicts what h_s predicts.
+    Once it has moved, the steps change the Gaussians, and 0 steps gives h_s's again."""
+    model = ready(tiny_model(diffusion_steps=4))
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        with_diffusion = model(x)["prediction"]
+        start = model(x)
         model.set_inference_steps(0)
-        without = model(x)["prediction"]
-    assert not torch.allclose(with_diffusion, without)
+        hyper = model(x)
+        perturbed(model).set_inference_steps(4)
+        moved = model(x)
+    assert torch.equal(start["prediction"], hyper["prediction"]) and torch.equal(start["scales"], hyper["scales"])
+    assert not torch.allclose(moved["prediction"], hyper["prediction"])
+    with pytest.raises(ValueError, match="4 or 0"):
+        model.set_inference_steps(2)
 
 
-def test_denoising_loss_trains_the_unet_and_nothing_else():
-    """The auxiliary DDPM loss must not reach the entropy model (h_s, h_a, g_a), whose scales and
-    means the rate-distortion loss alone shapes; the RD loss does reach the U-Net."""
-    model = tiny_model().train()
-    out = model(torch.rand(2, 3, 64, 64))
-    out["denoising_loss"].backward(retain_graph=True)
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("unet."))
-    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if not n.startswith("unet."))
-    model.zero_grad()
-    out["likelihoods"]["y"].log().sum().neg().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("unet."))
+@pytest.mark.parametrize("reveal,steps", [("checkerboard", 4), ("channels", 3)])
+def test_reveal_groups_partition_the_latent(reveal, steps):
+    model = tiny_model(diffusion_steps=steps, reveal=reveal)
+    groups = model.reveal_groups(5, 6, torch.device("cpu"))
+    assert groups.shape == (16, 5, 6)
+    counts = torch.bincount(groups.flatten())
+    assert len(counts) == steps and counts.min() > 0
+    if reveal == "checkerboard":  # the anchors ((i + j) even) of a slice come first, then the rest
+        i, j = torch.meshgrid(torch.arange(5), torch.arange(6), indexing="ij")
+        assert torch.equal(groups[0], (i + j) % 2)
+        assert torch.equal(groups[-1], 2 + (i + j) % 2)
+    else:
+        assert all(len(torch.unique(groups[c])) == 1 for c in range(16))
+
+
+def test_training_inputs_are_the_decoders_inputs():
+    """Teacher forcing builds, in one batched pass, the inputs the decoder's chain meets: fed the
+    decoded latent in place of the noisy proxy, it gives the chain's Gaussians and denoising."""
+    model = ready(perturbed(tiny_model(diffusion_steps=4)))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        z_hat = model.entropy_bottleneck(model.h_a(model.g_a(x)))[0]
+        mu0, sigma0 = model.hyper_decode(z_hat)
+        y = model.g_a(x)
+        y_hat, means, scales, decoded = model._run_chain(
+            mu0, sigma0, lambda k, sel, m, s: model.gaussian_conditional.quantize(y[:, sel], "dequantize", m)
+        )
+        forced_means, forced_scales, residual = model._teacher_forced(decoded, mu0, sigma0)
+    torch.testing.assert_close(forced_means, means, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(forced_scales, scales, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decoded + residual, y_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_latent_denoise_changes_only_the_decoded_latent():
+    model = ready(perturbed(tiny_model(diffusion_steps=2)))
+    plain = ready(perturbed(tiny_model(diffusion_steps=2, latent_denoise=False)))
+    plain.load_state_dict(model.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model(x), plain(x)
+        sa, sb = model.compress(x)["strings"], plain.compress(x)["strings"]
+    assert sa == sb and torch.equal(a["likelihoods"]["y"], b["likelihoods"]["y"])
+    assert not torch.equal(a["y_hat"], b["y_hat"])
 
 
 # ---- entropy coding ----
 
 
-@pytest.mark.parametrize("mode", bk.MODES)
-def test_decompress_gives_exactly_the_forward_latent(mode):
-    model = ready(tiny_model(mode))
+@pytest.mark.parametrize("mode,steps", [("residual", 4), ("residual", 0), ("z_only", 4)])
+def test_decompress_gives_exactly_the_forward_latent(mode, steps):
+    model = ready(tiny_model(mode, diffusion_steps=steps))
+    if steps:
+        perturbed(model)
     x = torch.rand(2, 3, 33, 47)
     with torch.no_grad():
         out = model(x)
@@ -147,13 +208,15 @@ def test_pretrained_compress_roundtrip(tiny_bk_sdm):
     assert dec["x_hat"].shape == x.shape
 
 
-def test_real_bits_agree_with_the_likelihood_estimate(tmp_path):
+@pytest.mark.parametrize("steps", [0, 4])
+def test_real_bits_agree_with_the_likelihood_estimate(tmp_path, steps):
     """Real bytes within 3% (+ 64 bits per string: CompressAI's rANS flushes a 32-bit state and
-    writes whole 32-bit words) of -sum(log2 p) on a
-    latent trained for a few steps; a coder that wastes bits or a likelihood that lies fails this.
-    (With CompressAI's 64-level scale table instead of our 256 levels this is about 4% over.)"""
+    writes whole 32-bit words) of -sum(log2 p) on a latent trained for a few steps: the chain's
+    negative log-likelihood is its code length. A coder that wastes bits, or a likelihood that
+    lies (a group coded with other Gaussians than the chain's), fails this. (With CompressAI's
+    64-level scale table instead of our 256 levels this is about 4% over.)"""
     torch.manual_seed(1)
-    model = tiny_model(diffusion_steps=0, N=32, M=32)
+    model = tiny_model(diffusion_steps=steps, N=32, M=32)
     x = torch.from_numpy(skimage.data.astronaut()[:128, 128:256]).permute(2, 0, 1)[None].float() / 255
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(30):  # a few steps so the latent is not all zeros
@@ -171,11 +234,12 @@ def test_real_bits_agree_with_the_likelihood_estimate(tmp_path):
     with torch.no_grad():
         out = model(x)
         enc = model.compress(x)
-    for name, strings in zip(("y", "z"), enc["strings"]):
+    assert len(enc["strings"]) == max(1, steps) + 1
+    for name, strings in (("y", enc["strings"][:-1]), ("z", enc["strings"][-1:])):
         estimate_bits = -torch.log2(out["likelihoods"][name]).sum().item()
-        real_bits = 8 * len(strings[0])
+        real_bits = sum(8 * len(s[0]) for s in strings)
         assert estimate_bits > 200, name
-        assert abs(real_bits - estimate_bits) <= 0.03 * estimate_bits + 64, (name, real_bits, estimate_bits)
+        assert abs(real_bits - estimate_bits) <= 0.03 * estimate_bits + 64 * len(strings), (name, real_bits, estimate_bits)
 
 
 def test_fast_gaussian_conditional_gives_compressais_indexes_and_bytes():
@@ -330,18 +394,46 @@ def test_wrong_checkpoint_and_corrupt_image_are_clear(tmp_path, capsys):
 def test_header_records_mode_size_and_steps(coded):
     _, good = coded
     header, strings = bk.read_bitstream(good)
-    assert (header.mode, header.height, header.width, header.diffusion_steps) == ("residual", 40, 40, 3)
-    assert len(strings) == 2 and len(good) == 4 + 1 + 1 + 8 + 4 + 4 + 2 + 1 + sum(4 + len(s) for s in strings) + 4
+    assert (header.mode, header.height, header.width, header.diffusion_steps) == ("residual", 40, 40, 4)
+    assert len(strings) == 5 and len(good) == 4 + 1 + 1 + 8 + 4 + 4 + 2 + 1 + sum(4 + len(s) for s in strings) + 4
 
 
-def test_step_override_is_recorded_and_used_by_the_decoder(tmp_path):
-    model = tiny_model(diffusion_steps=3)
-    ckpt = save_ckpt(model, tmp_path / "codec.pth")
+def test_step_count_is_recorded_and_a_mismatch_refused(tmp_path, capsys):
+    """A file says how many reverse steps coded it; the decoder follows it by default and
+    refuses to decode it with another count (the count decides which group each string holds)."""
+    ckpt = save_ckpt(perturbed(tiny_model(diffusion_steps=4)), tmp_path / "codec.pth")
     src = write_image(tmp_path / "in.png", (48, 48))
-    bk.main(["compress", str(src), str(tmp_path / "a.bin"), "--checkpoint", str(ckpt), "--diffusion_steps", "1"])
-    assert bk.read_bitstream((tmp_path / "a.bin").read_bytes())[0].diffusion_steps == 1
-    bk.main(["decompress", str(tmp_path / "a.bin"), str(tmp_path / "a.png"), "--checkpoint", str(ckpt)])
-    one_step, _ = bk.load_codec(ckpt, diffusion_steps=1)
+    bk.main(["compress", str(src), str(tmp_path / "zero.bin"), "--checkpoint", str(ckpt), "--diffusion_steps", "0"])
+    assert bk.read_bitstream((tmp_path / "zero.bin").read_bytes())[0].diffusion_steps == 0
+    bk.main(["decompress", str(tmp_path / "zero.bin"), str(tmp_path / "zero.png"), "--checkpoint", str(ckpt)])
+    zero_steps, _ = bk.load_codec(ckpt, diffusion_steps=0)
     with torch.no_grad():
-        expected = one_step(lic_common.load_image(src)[None])["x_hat"][0]
-    assert torch.equal(lic_common.load_image(tmp_path / "a.png"), lic_common.to_uint8(expected).float() / 255)
+        expected = zero_steps(lic_common.load_image(src)[None])["x_hat"][0]
+    assert torch.equal(lic_common.load_image(tmp_path / "zero.png"), lic_common.to_uint8(expected).float() / 255)
+
+    bk.main(["compress", str(src), str(tmp_path / "four.bin"), "--checkpoint", str(ckpt)])
+    for name, steps in (("four.bin", "0"), ("zero.bin", "4")):
+        with pytest.raises(SystemExit) as exc:
+            bk.main(["decompress", str(tmp_path / name), str(tmp_path / "x.png"), "--checkpoint", str(ckpt), "--diffusion_steps", steps])
+        assert exc.value.code == 2 and "diffusion steps" in capsys.readouterr().err
+    model, _ = bk.load_codec(ckpt, diffusion_steps=0)
+    with pytest.raises(bk.BitstreamError, match="coded with 4 diffusion steps"):
+        bk.decode_image(model, (tmp_path / "four.bin").read_bytes())
+    with pytest.raises(SystemExit) as exc:  # a count the checkpoint has no groups for
+        bk.main(["compress", str(src), str(tmp_path / "x.bin"), "--checkpoint", str(ckpt), "--diffusion_steps", "3"])
+    assert exc.value.code == 2 and "4 or 0" in capsys.readouterr().err
+
+
+def test_old_format_checkpoint_gets_a_clear_error(tmp_path):
+    old = {"architecture": bk.ARCHITECTURE, "state_dict": {},
+           "config": {"N": 16, "M": 16, "diffusion_steps": 2, "noise_schedule": "linear", "beta_start": 1e-4}}  # fmt: skip
+    lic_common.save_checkpoint(old, tmp_path / "old.pth")
+    with pytest.raises(lic_common.CheckpointError, match="format 1.*Retrain"):
+        bk.load_codec(tmp_path / "old.pth")
+
+
+def test_configs_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match="even"):
+        bk.CodecConfig(diffusion_steps=3, reveal="checkerboard")
+    with pytest.raises(ValueError, match="channel slices"):
+        tiny_model(diffusion_steps=40, reveal="channels")
