@@ -106,6 +106,12 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 # ---- Writing files atomically ----
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def _atomic_file(path: str | os.PathLike, mode: str):
     """A file object on a temporary file in ``path``'s folder, renamed onto ``path`` when the block
@@ -116,6 +122,7 @@ def _atomic_file(path: str | os.PathLike, mode: str):
     try:
         with os.fdopen(fd, mode) as f:
             yield f
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private (0600); give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import socket
@@ -286,32 +287,38 @@ def validation_curve(log: Path) -> dict[str, list[float]]:
     return {k: [r[i] for r in rows] for i, k in enumerate(("step", "loss", "bpp", "psnr"))}
 
 
-def plot_validation_curves(args: argparse.Namespace, path: Path) -> dict:
-    """Validation loss, bpp and PSNR against training step, every curve at one rate point."""
+def plot_validation_logs(logs: dict[str, Path], path: Path, title: str) -> dict[str, dict]:
+    """Validation loss, bpp and PSNR against training step, one line per run's training.log."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lam = args.val_curves_lambda or args.lambdas[len(args.lambdas) // 2]
-    curves = {c: validation_curve(run_dir(args, c, lam) / "training.log") for c in CURVES
-              if (run_dir(args, c, lam) / "training.log").is_file()}  # fmt: skip
-    if not curves:
-        return {}
+    curves = {name: validation_curve(log) for name, log in logs.items()}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, c in curves.items():
         for ax, key in zip(axes, ("loss", "bpp", "psnr")):
             ax.plot(c["step"], c[key], label=name)
-    for ax, title in zip(axes, ("validation loss (D + lambda R)", "validation bpp (estimate)", "validation PSNR (dB)")):
-        ax.set_title(title)
+    for ax, label in zip(axes, ("validation loss (D + lambda R)", "validation bpp (estimate)", "validation PSNR (dB)")):
+        ax.set_title(label)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
-    axes[0].legend()
-    fig.suptitle(f"lambda_rate {lam:g}: per-step validation, equal training compute per curve")
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(3, len(curves)), fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06 * math.ceil(len(curves) / 3), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return curves
+
+
+def plot_validation_curves(args: argparse.Namespace, path: Path) -> dict:
+    """Per-step validation of every curve at one rate point (``--val_curves_lambda``)."""
+    lam = args.val_curves_lambda or args.lambdas[len(args.lambdas) // 2]
+    logs = {c: run_dir(args, c, lam) / "training.log" for c in CURVES if (run_dir(args, c, lam) / "training.log").is_file()}
+    if not logs:
+        return {}
+    curves = plot_validation_logs(logs, path, f"lambda_rate {lam:g}: per-step validation, equal training compute per curve")
     return {"lambda": lam, "curves": curves}
 
 
@@ -356,7 +363,7 @@ def parse_args(argv):
     p.add_argument("--runs_dir", default=str(ROOT / "benchmarks" / "runs"), help="training runs (resumable)")
     p.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"), help="figures and the evaluation cache")
     p.add_argument("--reference_dir", default=str(ROOT / "reference_checkpoints"), help="slim copies of the codec's checkpoints, for the demo")
-    p.add_argument("--budget_minutes", type=float, default=30.0, help="training budget per rate point")
+    p.add_argument("--budget_minutes", type=float, default=10.0, help="training budget per rate point")
     p.add_argument("--budget_clock", default="steps", choices=("steps", "wall", "process"), help="steps: the step count each model does in --budget_minutes of measured training compute; or a wall / process-CPU time budget")
     p.add_argument("--timing_steps", type=int, default=6, help="timed training steps per model for the step budget")
     p.add_argument("--lambdas", type=float, nargs="+", default=[2.3e-3, 1.2e-3, 6.2e-4], help="lambda_rate of the rate points (CompressAI q3, q4, q5)")
@@ -367,11 +374,11 @@ def parse_args(argv):
     p.add_argument("--diffusion_steps", type=int, default=4, help="reverse steps of the diffusion curve")
     p.add_argument("--unet_channels", type=int, default=32, help="U-Net width")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="train every model under bfloat16 autocast (entropy models in fp32)")
-    p.add_argument("--image_size", type=int, default=64, help="training crop")
-    p.add_argument("--batch_size", type=int, default=16, help="batch size")
+    p.add_argument("--image_size", type=int, default=128, help="training crop (64 px crops give 4x4 latents, where every context is all border)")
+    p.add_argument("--batch_size", type=int, default=8, help="batch size")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (warm-up, then cosine over the budget)")
     p.add_argument("--warmup_steps", type=int, default=200, help="learning-rate warm-up")
-    p.add_argument("--epoch_size", type=int, default=1600, help="crops per epoch (validation after each)")
+    p.add_argument("--epoch_size", type=int, default=800, help="crops per epoch (validation after each)")
     p.add_argument("--seed", type=int, default=0, help="seed of every run")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--max_images", type=int, default=0, help="evaluate on the first N Kodak images only (0: all 24)")

@@ -49,7 +49,7 @@ def write_sample_photos(folder: Path) -> tuple[Path, list[Path]]:
 def train_quick_codec(data: Path, out: Path, minutes: float) -> Path:
     """A small from-scratch codec trained for a few minutes by the project's training script."""
     argv = ["--data_path", str(data), "--output_dir", str(out), "--N", "64", "--M", "96",
-            "--diffusion_steps", "2", "--unet_channels", "32", "--image_size", "128", "--batch_size", "8",
+            "--diffusion_steps", "4", "--unet_channels", "32", "--image_size", "128", "--batch_size", "8",
             "--epoch_size", "64", "--epochs", "1000", "--lr", "1e-3", "--warmup_steps", "20",
             "--lambda_rate", "2e-3", "--time_budget", str(minutes), "--budget_clock", "process",
             "--num_workers", "0", "--val_fraction", "0.2",

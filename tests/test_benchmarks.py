@@ -21,7 +21,7 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
         write_image(kodak / f"kodim0{i}.png", (64, 96), seed=10 + i)
     argv = ["--train_data", str(image_dir), "--kodak", str(kodak), "--runs_dir", str(tmp_path / "runs"),
             "--results_dir", str(tmp_path / "results"), "--reference_dir", str(tmp_path / "ref"), "--budget_minutes", "0.003", "--timing_steps", "2", "--lambdas", "1e-2", "1e-3",
-            "--N", "8", "--M", "8", "--unet_channels", "8", "--batch_size", "2", "--epoch_size", "4",
+            "--N", "8", "--M", "8", "--unet_channels", "8", "--batch_size", "2", "--epoch_size", "4", "--image_size", "64",
             "--warmup_steps", "1", "--threads", "1"]  # fmt: skip
     summary = rd_benchmark.main(argv)
     learned = {"diffusion-hyperprior", "diffusion-hyperprior@0steps", "diffusion-hyperprior@nodenoise", "no-diffusion",
@@ -103,3 +103,19 @@ def test_rd_benchmark_runs_claimed_by_a_live_process_are_left_to_it(tmp_path):
         with rd_benchmark.claimed(out) as again:
             assert not again  # held by this process, which is alive
     assert not (out / "claim.json").exists()
+
+
+def test_plot_validation_reads_the_training_logs(tmp_path):
+    import plot_validation
+
+    for name, psnr in (("a", 20.0), ("b", 21.5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "training.log").write_text(
+            "10:00:00 diffusion-hyperprior: 1.00 M trainable parameters\n"
+            f"10:00:01 epoch 0 step 100: train loss 0.1 bpp 0.5 psnr 15.0 | val loss 0.0200 bpp 0.800 psnr {psnr - 1} (best)\n"
+            f"10:00:02 epoch 1 step 200: train loss 0.1 bpp 0.5 psnr 16.0 | val loss 0.0150 bpp 0.700 psnr {psnr}\n"
+        )
+    curves = plot_validation.main(["--output", str(tmp_path / "v.png"), f"A={tmp_path / 'a'}", f"B={tmp_path / 'b' / 'training.log'}"])
+    assert curves["A"] == {"step": [100.0, 200.0], "loss": [0.02, 0.015], "bpp": [0.8, 0.7], "psnr": [19.0, 20.0]}
+    assert curves["B"]["psnr"] == [20.5, 21.5]
+    assert (tmp_path / "v.png").is_file() and json.loads((tmp_path / "v.json").read_text()) == curves

@@ -279,6 +279,8 @@ def test_image_kinds_roundtrip_through_the_cli(tmp_path, mode, size):
     assert (result["height"], result["width"]) == size
     with Image.open(tmp_path / "a.png") as out:
         assert out.size == (size[1], size[0]) and out.mode == "RGB"
+    # written atomically, yet with a normal file's mode (not the temporary file's private 0600)
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o666 & ~lic_common._umask()
 
 
 def test_decoding_is_deterministic_byte_for_byte(tmp_path):
