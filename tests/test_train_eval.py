@@ -253,3 +253,33 @@ def test_evaluation_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ev.main(["--curve", f"c={tmp_path / 'x.pth'}", "--data_path", str(tmp_path / "imgs"), "--output_dir", str(tmp_path / "o")])
     assert "unknown architecture" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["mbt2018-mean", "mbt2018", "bmshj2018-hyperprior"])
+def test_compressai_entropy_models_stay_fp32_under_cpu_autocast(arch):
+    """--amp trains under bfloat16 autocast on the CPU too; the rate term is computed in fp32
+    (without the wrapper the entropy bottleneck's matrices would run in bfloat16)."""
+    model = tr.build_model({"architecture": arch, "N": 8, "M": 8}).train()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out["x_hat"].dtype == torch.bfloat16  # the transforms did run in bfloat16
+    assert all(p.dtype == torch.float32 for p in out["likelihoods"].values())
+    # the same latent gives the same likelihoods under autocast as without: no bfloat16 CDFs
+    model.eval()
+    with torch.no_grad():
+        z = model.h_a(model.g_a(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, under_autocast = model.entropy_bottleneck(z)
+        assert torch.equal(under_autocast, model.entropy_bottleneck(z)[1])
+
+
+def test_cpu_amp_trains_the_codec_in_bfloat16(image_dir, tmp_path):
+    trainer = tr.Trainer(tr.parse_args(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "run"), *TINY, "--max_steps", "1"]))
+    assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    x = torch.rand(2, 3, 64, 64)
+    with trainer.autocast():
+        out = trainer.model.train()(x)
+    assert out["x_hat"].dtype == torch.bfloat16 and out["likelihoods"]["y"].dtype == torch.float32
+    with pytest.raises(SystemExit):
+        tr.main(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "r2"), *TINY, "--amp_dtype", "float16"])
