@@ -20,10 +20,11 @@ residual prediction, Minnen & Singh 2020) before the synthesis transform.
       -> EntropyBottleneck        z_hat   (coded first)
       -> h_s                      sigma0, mu0   (B, M, h, w) each
       -> for k = 0 .. S-1 (S = diffusion_steps; step k reveals group k):
-             U-Net([state_k, known_k, mu0, sigma0], t_k) -> mu_k, sigma_k   (B, M, h, w)
+             U-Net([(state_k - mu0) / sigma0 where known, known_k, mu0, log sigma0], t_k)
+                 -> a_k, b_k;  mu_k = mu0 + sigma0 a_k,  sigma_k = sigma0 exp(b_k)     (B, M, h, w)
              group k coded as round(y - mu_k) with GaussianConditional(sigma_k); decoded, it
              replaces mu0 in state_{k+1}
-      -> y_hat = state_S + U-Net residual at t = 0        (``latent_denoise``)
+      -> y_hat = state_S + a_S, the U-Net pass with everything known, t = 0 (``latent_denoise``)
       -> synthesis                x_hat   (B, 3, H, W)
 
 ``diffusion_steps = 0`` is the hyper-decoder alone (mu0, sigma0 code all of y): the ablation.
@@ -295,8 +296,8 @@ def _zero_conv_like(conv_layer: nn.Conv2d, in_channels: int, out_channels: int) 
 
 
 def scratch_unet(M: int, channels: int, levels: int, layers_per_block: int) -> UNet2DModel:
-    """A small diffusers U-Net: [state, known mask, mu0, sigma0] (4M channels) -> corrections to
-    (mu0, sigma0) (2M channels). Its output convolution starts at zero, so before training every
+    """A small diffusers U-Net: [innovation, known mask, mu0, log sigma0] (4M channels) -> a mean
+    shift and a log scale factor (2M channels; see ``DiffusionHyperprior._predict``). Its output convolution starts at zero, so before training every
     step predicts what the hyper-decoder predicts."""
     widths = tuple(channels * 2**i for i in range(levels))
     unet = UNet2DModel(
@@ -317,11 +318,11 @@ def scratch_unet(M: int, channels: int, levels: int, layers_per_block: int) -> U
 def adapt_pretrained_unet(unet: nn.Module, M: int) -> None:
     """Condition BK-SDM's U-Net on the partly revealed latent, in place.
 
-    Its input convolution is widened from M to 4M channels ([state, known mask, mu0, sigma0]) as
+    Its input convolution is widened from M to 4M channels ([innovation, known, mu0, log sigma0]) as
     Stable Diffusion's inpainting model widens it for its mask and masked image: the first M
     input channels keep the pretrained weights, the new ones start at zero. Its output
     convolution (M channels of noise) is replaced by a zero-initialised one giving 2M channels
-    (corrections to mu0 and sigma0). Both new convolutions are trained even when the rest is frozen.
+    (a mean shift and a log scale factor). Both new convolutions are trained even when the rest is frozen.
     """
     old_in = unet.conv_in
     new_in = _zero_conv_like(old_in, 4 * M, old_in.out_channels)
@@ -417,23 +418,32 @@ class DiffusionHyperprior(CompressionModel):
         return 2 * groups + ((i + j) % 2)[None]
 
     def _predict(self, state: torch.Tensor, known: torch.Tensor, step: torch.Tensor, mu0: torch.Tensor,
-                 sigma0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """One U-Net pass: (B, M, h, w) state, known mask, hyperprior; (B,) step -> fp32
-        corrections (d_mu, d_sigma) to (mu0, sigma0), each (B, M, h, w)."""
-        inputs = torch.cat([state, known.to(state.dtype), mu0, sigma0], dim=1)
+                 s0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """One U-Net pass: (B, M, h, w) state, known mask, hyperprior; (B,) step -> fp32 (means,
+        scales, residual), each (B, M, h, w).
+
+        The U-Net works in the hyperprior's normalised coordinates, as a diffusion model works on
+        unit-variance data: it sees the revealed values as innovations (y - mu0) / s0 (0 where
+        unknown; s0 = sigma0 lower-bounded as the likelihood bounds it) and predicts a mean shift
+        in units of s0 and a log scale factor: mu = mu0 + s0 * a, sigma = s0 * exp(b). Its
+        normalisation layers would otherwise leave it no way to output a per-image magnitude. The
+        denoising step's residual is ``a`` itself, in latent units, as the quantization error is.
+        """
+        innovation = torch.where(known, (state - mu0) / s0, torch.zeros_like(state))
+        inputs = torch.cat([innovation, known.to(state.dtype), mu0, s0.log()], dim=1)
         t = self.step_timesteps.to(step.device)[step]
         if self.adapter is None:
             out = self.unet(inputs, t).sample
         else:
-            out = self.unet(inputs, t, encoder_hidden_states=self.adapter(torch.cat([mu0, sigma0], dim=1))).sample
-        d_mu, d_sigma = out.float().chunk(2, dim=1)
-        return d_mu, d_sigma
+            out = self.unet(inputs, t, encoder_hidden_states=self.adapter(torch.cat([mu0, s0.log()], dim=1))).sample
+        shift, log_factor = out.float().chunk(2, dim=1)
+        return mu0 + s0 * shift, s0 * log_factor.exp(), shift
 
-    def _teacher_forced(self, y_noisy: torch.Tensor, mu0: torch.Tensor, sigma0: torch.Tensor):
+    def _teacher_forced(self, y_noisy: torch.Tensor, mu0: torch.Tensor, s0: torch.Tensor):
         """Training: every reverse step (and the denoising step) in one batched U-Net pass, the
         revealed groups holding ``y_noisy``. -> (means, scales, residual or None), (B, M, h, w)."""
         if self.inference_steps == 0:
-            return mu0, sigma0, None
+            return mu0, s0, None
         B, M, h, w = y_noisy.shape
         groups = self.reveal_groups(h, w, y_noisy.device)
         residual_mode = self.config.mode == "residual"
@@ -449,39 +459,38 @@ class DiffusionHyperprior(CompressionModel):
             return t.reshape(n * B, M, h, w)
 
         step = torch.tensor(steps, device=y_noisy.device).repeat_interleave(B)
-        d_mu, d_sigma = self._predict(flat(state), flat(known), step, mu0.repeat(n, 1, 1, 1), sigma0.repeat(n, 1, 1, 1))
-        d_mu, d_sigma = d_mu.view(n, B, M, h, w), d_sigma.view(n, B, M, h, w)
+        means, scales, residual = (t.view(n, B, M, h, w) for t in
+                                   self._predict(flat(state), flat(known), step, mu0.repeat(n, 1, 1, 1), s0.repeat(n, 1, 1, 1)))  # fmt: skip
         reveal = n - denoise
-        pick = F.one_hot(groups, reveal).permute(3, 0, 1, 2).to(d_mu.dtype)[:, None]  # (reveal, 1, M, h, w)
-        means = mu0 + (pick * d_mu[:reveal]).sum(0)
-        scales = sigma0 + (pick * d_sigma[:reveal]).sum(0)
-        return means, scales, d_mu[-1] if denoise else None
+        pick = F.one_hot(groups, reveal).permute(3, 0, 1, 2).to(means.dtype)[:, None]  # (reveal, 1, M, h, w)
+        return (pick * means[:reveal]).sum(0), (pick * scales[:reveal]).sum(0), residual[-1] if denoise else None
 
-    def _run_chain(self, mu0: torch.Tensor, sigma0: torch.Tensor, code_group: Callable) -> tuple:
+    def _run_chain(self, mu0: torch.Tensor, s0: torch.Tensor, code_group: Callable) -> tuple:
         """The reverse chain, as the decoder runs it. ``code_group(k, selected, means, scales)``
         gets group k's Gaussians ((B, n_k) each) and returns its decoded values.
         -> (y_hat, means, scales, state before the denoising step), (B, M, h, w) each."""
         B, M, h, w = mu0.shape
         groups = self.reveal_groups(h, w, mu0.device)
-        state, means, scales = mu0.clone(), mu0.clone(), sigma0.clone()
+        state, means, scales = mu0.clone(), mu0.clone(), s0.clone()
         for k in range(max(1, self.inference_steps if self.config.mode == "residual" else 1)):
             selected = groups == k
             if self.inference_steps:
                 step = torch.full((B,), k, device=mu0.device)
-                d_mu, d_sigma = self._predict(state, (groups < k).expand(B, M, h, w), step, mu0, sigma0)
-                means[:, selected] = (mu0 + d_mu)[:, selected]
-                scales[:, selected] = (sigma0 + d_sigma)[:, selected]
+                mu_k, sigma_k, _ = self._predict(state, (groups < k).expand(B, M, h, w), step, mu0, s0)
+                means[:, selected] = mu_k[:, selected]
+                scales[:, selected] = sigma_k[:, selected]
             state[:, selected] = code_group(k, selected, means[:, selected], scales[:, selected])
         y_hat = state
         if self.inference_steps and self.config.mode == "residual" and self.latent_denoise:
             step = torch.full((B,), self.inference_steps, device=mu0.device)
-            y_hat = state + self._predict(state, torch.ones_like(state, dtype=torch.bool), step, mu0, sigma0)[0]
+            y_hat = state + self._predict(state, torch.ones_like(state, dtype=torch.bool), step, mu0, s0)[2]
         return y_hat, means, scales, state
 
     def hyper_decode(self, z_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z_hat -> (mu0, sigma0), fp32; the same in forward and decode."""
+        """z_hat -> (mu0, sigma0), fp32; the same in forward and decode. sigma0 comes
+        lower-bounded, as the likelihood and the coder's scale table bound it anyway."""
         sigma0, mu0 = self.h_s(z_hat).float().chunk(2, dim=1)
-        return mu0, sigma0
+        return mu0, self.gaussian_conditional.lower_bound_scale(sigma0)
 
     def _y_likelihoods(self, values: torch.Tensor, scales: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
         gc = self.gaussian_conditional
