@@ -110,6 +110,7 @@ class CodecConfig:
     unet_channels: int = 64
     unet_levels: int = 2
     unet_layers_per_block: int = 1
+    unet_norm_group_channels: int = 8
     diffusion_strength: float | None = None
     latent_gain_init: float = 4.0
     adapter_grid: int = 8
@@ -154,9 +155,9 @@ class CodecConfig:
 # ---- Building blocks ----
 
 
-def _group_count(channels: int, preferred: int = 32) -> int:
-    """The largest GroupNorm group count <= ``preferred`` that divides ``channels``."""
-    return math.gcd(channels, preferred)
+def _group_count(channels: int, per_group: int) -> int:
+    """GroupNorm groups of ``per_group`` channels (fewer, larger groups when it does not divide)."""
+    return max(1, math.gcd(channels, max(1, channels // per_group)))
 
 
 def analysis_transform(N: int, M: int) -> nn.Sequential:
@@ -295,10 +296,17 @@ def _zero_conv_like(conv_layer: nn.Conv2d, in_channels: int, out_channels: int) 
     return new
 
 
-def scratch_unet(M: int, channels: int, levels: int, layers_per_block: int) -> UNet2DModel:
+def scratch_unet(M: int, channels: int, levels: int, layers_per_block: int, norm_group_channels: int) -> UNet2DModel:
     """A small diffusers U-Net: [innovation, known mask, mu0, log sigma0] (4M channels) -> a mean
-    shift and a log scale factor (2M channels; see ``DiffusionHyperprior._predict``). Its output convolution starts at zero, so before training every
-    step predicts what the hyper-decoder predicts."""
+    shift and a log scale factor (2M channels; see ``DiffusionHyperprior._predict``). Its output
+    convolution starts at zero, so before training every step predicts what the hyper-decoder
+    predicts.
+
+    GroupNorm groups hold ``norm_group_channels`` channels each, and the timestep enters as a
+    scale and shift after the normalisation: with one channel per group (diffusers' 32 groups
+    at width 32) the normalisation is per channel, which erases the timestep embedding that
+    diffusers adds before it, and every per-channel level of the features.
+    """
     widths = tuple(channels * 2**i for i in range(levels))
     unet = UNet2DModel(
         in_channels=4 * M,
@@ -307,7 +315,8 @@ def scratch_unet(M: int, channels: int, levels: int, layers_per_block: int) -> U
         down_block_types=("DownBlock2D",) * levels,
         up_block_types=("UpBlock2D",) * levels,
         layers_per_block=layers_per_block,
-        norm_num_groups=_group_count(channels),
+        norm_num_groups=_group_count(channels, norm_group_channels),
+        resnet_time_scale_shift="scale_shift",
         add_attention=False,
     )
     nn.init.zeros_(unet.conv_out.weight)
@@ -696,7 +705,8 @@ def from_config(config: CodecConfig) -> DiffusionHyperprior:
         dim = dim[0] if isinstance(dim, (list, tuple)) else dim
         adapter = CrossAttentionAdapter(2 * config.M, dim, config.adapter_grid)
     elif config.diffusion_steps > 0:
-        unet = scratch_unet(config.M, config.unet_channels, config.unet_levels, config.unet_layers_per_block)
+        unet = scratch_unet(config.M, config.unet_channels, config.unet_levels, config.unet_layers_per_block,
+                            config.unet_norm_group_channels)
     return DiffusionHyperprior(config, analysis, synthesis, unet, adapter, latent_factor, timesteps,
                                tuple(frozen), tuple(trained_in_frozen))  # fmt: skip
 
