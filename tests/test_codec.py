@@ -134,6 +134,21 @@ def test_the_chain_starts_at_the_hyperprior_and_the_steps_change_it():
         model.set_inference_steps(2)
 
 
+def test_the_unet_sees_the_timestep_at_full_resolution():
+    """Same inputs, another step: the first block's features differ. (With one channel per
+    GroupNorm group, as diffusers' 32 groups give at width 32, the timestep embedding it adds
+    before the norm is erased there, and the full-resolution block saw every step alike.)"""
+    model = perturbed(tiny_model(diffusion_steps=4, unet_channels=16)).eval()
+    features = []
+    model.unet.down_blocks[0].resnets[0].register_forward_hook(lambda m, i, o: features.append(o))
+    y = torch.randn(1, 16, 4, 4)
+    known = torch.rand(1, 16, 4, 4) < 0.5
+    with torch.no_grad():
+        for step in (1, 2):
+            model._predict(y, known, torch.tensor([step]), y * 0.5, y.abs() + 1)
+    assert not torch.allclose(features[0], features[1], atol=1e-4)
+
+
 @pytest.mark.parametrize("reveal,steps", [("checkerboard", 4), ("channels", 3)])
 def test_reveal_groups_partition_the_latent(reveal, steps):
     model = tiny_model(diffusion_steps=steps, reveal=reveal)
