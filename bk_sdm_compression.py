@@ -24,7 +24,7 @@ residual prediction, Minnen & Singh 2020) before the synthesis transform.
                  -> a_k, b_k;  mu_k = mu0 + sigma0 a_k,  sigma_k = sigma0 exp(b_k)     (B, M, h, w)
              group k coded as round(y - mu_k) with GaussianConditional(sigma_k); decoded, it
              replaces mu0 in state_{k+1}
-      -> y_hat = state_S + a_S, the U-Net pass with everything known, t = 0 (``latent_denoise``)
+      -> y_hat = state_S (+ a_S, a U-Net pass with everything known, t = 0, with ``latent_denoise``)
       -> synthesis                x_hat   (B, 3, H, W)
 
 ``diffusion_steps = 0`` is the hyper-decoder alone (mu0, sigma0 code all of y): the ablation.
@@ -101,7 +101,7 @@ class CodecConfig:
     M: int = 128
     diffusion_steps: int = 4
     reveal: str = "checkerboard"
-    latent_denoise: bool = True
+    latent_denoise: bool = False
     mode: str = "residual"
     use_pretrained_vae: bool = False
     use_pretrained_unet: bool = False
@@ -730,8 +730,9 @@ def create_bk_sdm_compression_model(
             latent (0: the hyper-decoder alone codes it).
         use_pretrained_vae / use_pretrained_unet: BK-SDM components instead of from-scratch ones.
         **kwargs: any other ``CodecConfig`` field: ``reveal`` ("checkerboard": S/2 channel slices
-            x 2 checkerboard halves, or "channels": S channel slices), ``latent_denoise`` (the last
-            step that removes quantization error; default True), ``mode`` ("residual" or
+            x 2 checkerboard halves, or "channels": S channel slices), ``latent_denoise`` (a last
+            step that removes quantization error; default False: sharing the U-Net, it cost the
+            reveal steps their context, see the README), ``mode`` ("residual" or
             "z_only"), ``finetune_pretrained`` (pretrained parts are frozen unless True),
             ``unet_channels``, ``unet_levels``, ``unet_layers_per_block``, ``diffusion_strength``
             (fraction of the U-Net's timestep range the chain covers; default 1.0 from scratch,

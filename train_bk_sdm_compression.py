@@ -339,7 +339,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--M", type=int, default=128, help="latent channels (the VAE's with --use_pretrained_vae)")
     g.add_argument("--diffusion_steps", type=int, default=4, help="reverse steps of the masked-diffusion prior, each revealing one group of the latent (0: the hyper-decoder alone)")
     g.add_argument("--reveal", default="checkerboard", choices=bk.REVEALS, help="the groups: steps/2 channel slices x 2 checkerboard halves, or steps channel slices")
-    g.add_argument("--latent_denoise", action=argparse.BooleanOptionalAction, default=True, help="a last U-Net pass removes what is left of the quantization error")
+    g.add_argument("--latent_denoise", action=argparse.BooleanOptionalAction, default=False, help="a last U-Net pass removes what is left of the quantization error (off: sharing the U-Net, it cost the reveal steps their context)")
     g.add_argument("--diffusion_strength", type=float, default=None, help="fraction of the U-Net's timestep range the chain covers (default 1.0 from scratch, 0.2 with BK-SDM's U-Net)")
     g.add_argument("--mode", default="residual", choices=bk.MODES, help="code the residual around the prediction, or z only")
     g.add_argument("--use_pretrained_vae", action=argparse.BooleanOptionalAction, default=False, help="BK-SDM's VAE as analysis/synthesis")

@@ -7,7 +7,8 @@ Trains, with the project's own training script and under one fixed budget per ra
   baseline) and mbt2018 (plus a serial spatial context: what context is worth) of the same N / M;
 then measures them on Kodak with real bitstreams, together with the codec's checkpoints decoded
 with 0 steps ("diffusion-hyperprior@0steps": what the steps contribute on the same weights) and
-without the final denoising step ("diffusion-hyperprior@nodenoise"), and JPEG, WebP and AVIF
+without the final denoising step when it was trained with one ("diffusion-hyperprior@nodenoise"),
+and JPEG, WebP and AVIF
 through Pillow. Prints BD-rates against each baseline, and writes ``rd_kodak.json``,
 ``per_image.csv``, ``rd_plot.png`` and ``val_curves.png`` (per-step validation of every curve at
 one rate point) into ``--results_dir``.
@@ -57,7 +58,8 @@ def curve_flags(curve: str, args: argparse.Namespace) -> list[str]:
     if curve in COMPRESSAI_CURVES:
         return ["--model", curve, *amp]
     steps = args.diffusion_steps if curve == "diffusion-hyperprior" else 0
-    return ["--diffusion_steps", str(steps), "--unet_channels", str(args.unet_channels), *amp]
+    denoise = ["--latent_denoise" if args.latent_denoise and steps else "--no-latent_denoise"]
+    return ["--diffusion_steps", str(steps), "--unet_channels", str(args.unet_channels), *denoise, *amp]
 
 
 def run_dir(args, curve: str, lam: float) -> Path:
@@ -223,8 +225,9 @@ def codecs_to_measure(args, device) -> list[tuple[ev.Codec, Path | None]]:
                     export_reference(args, lam)
                 codecs.append((ev.LearnedCodec(f"{curve}@0steps", point, bk.load_codec(ckpt, diffusion_steps=0)[0], device), ckpt))
                 plain = bk.load_codec(ckpt)[0]
-                plain.latent_denoise = False
-                codecs.append((ev.LearnedCodec(f"{curve}@nodenoise", point, plain, device), ckpt))
+                if plain.latent_denoise:
+                    plain.latent_denoise = False
+                    codecs.append((ev.LearnedCodec(f"{curve}@nodenoise", point, plain, device), ckpt))
             codecs.append((ev.LearnedCodec(curve, point, bk.load_codec(ckpt)[0], device), ckpt))
     for name in ("jpeg", "webp", "avif"):
         codecs += [(ev.PillowCodec(name, q), None) for q in ev.DEFAULT_QUALITIES[name]]
@@ -373,6 +376,7 @@ def parse_args(argv):
     p.add_argument("--M", type=int, default=96, help="latent channels (all learned models)")
     p.add_argument("--diffusion_steps", type=int, default=4, help="reverse steps of the diffusion curve")
     p.add_argument("--unet_channels", type=int, default=32, help="U-Net width")
+    p.add_argument("--latent_denoise", action=argparse.BooleanOptionalAction, default=False, help="train the codec with the final denoising step (measured without it too)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="train every model under bfloat16 autocast (entropy models in fp32)")
     p.add_argument("--image_size", type=int, default=128, help="training crop (64 px crops give 4x4 latents, where every context is all border)")
     p.add_argument("--batch_size", type=int, default=8, help="batch size")

@@ -167,7 +167,7 @@ def test_reveal_groups_partition_the_latent(reveal, steps):
 def test_training_inputs_are_the_decoders_inputs():
     """Teacher forcing builds, in one batched pass, the inputs the decoder's chain meets: fed the
     decoded latent in place of the noisy proxy, it gives the chain's Gaussians and denoising."""
-    model = ready(perturbed(tiny_model(diffusion_steps=4)))
+    model = ready(perturbed(tiny_model(diffusion_steps=4, latent_denoise=True)))
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         z_hat = model.entropy_bottleneck(model.h_a(model.g_a(x)))[0]
@@ -183,7 +183,7 @@ def test_training_inputs_are_the_decoders_inputs():
 
 
 def test_latent_denoise_changes_only_the_decoded_latent():
-    model = ready(perturbed(tiny_model(diffusion_steps=2)))
+    model = ready(perturbed(tiny_model(diffusion_steps=2, latent_denoise=True)))
     plain = ready(perturbed(tiny_model(diffusion_steps=2, latent_denoise=False)))
     plain.load_state_dict(model.state_dict())
     x = torch.rand(1, 3, 64, 64)
