@@ -168,7 +168,13 @@ class LearnedCodec(Codec):
 
     @torch.no_grad()
     def table_bits(self, x):
-        """A second, metered encode (kept out of ``code`` so that its timing is the coder's own)."""
+        """A second, metered encode (kept out of ``code`` so that its timing is the coder's own).
+        None for CompressAI's serial-context models, which code y through a coder of their own
+        that the meter does not see."""
+        from compressai.models import JointAutoregressiveHierarchicalPriors
+
+        if isinstance(self.model, JointAutoregressiveHierarchicalPriors):
+            return None
         with metered_coders(self.model) as metered:
             self.model.compress(self._pad(x.to(self.device)[None]))
             return metered()

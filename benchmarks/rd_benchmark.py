@@ -256,7 +256,7 @@ def report(results: list[ev.ImageResult], args) -> dict:
                            "diffusion-hyperprior@nodenoise") if a in curves]  # fmt: skip
     bd = {anchor: ev.bd_rates(curves, anchor) for anchor in anchors}
     coding = {}  # where the bits go, per learned curve: totals over all its points and images
-    for label in sorted({r.curve for r in results if not np.isnan(r.bpp_estimate)}):
+    for label in sorted({r.curve for r in results if not (np.isnan(r.bpp_estimate) or np.isnan(r.bpp_table))}):
         real, est, table = (sum(getattr(r, f) for r in results if r.curve == label) for f in ("bpp", "bpp_estimate", "bpp_table"))
         coding[label] = {"real_over_estimate": real / est - 1, "real_over_table": real / table - 1, "table_over_estimate": table / est - 1}
     summary = {
