@@ -479,7 +479,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--bk_sdm_path", default=None, help="where the pretrained BK-SDM parts are, if not where the checkpoint says")
     p.add_argument("--use_pretrained_vae", action=argparse.BooleanOptionalAction, default=None, help="require checkpoints with (or without) BK-SDM's VAE")
     p.add_argument("--use_pretrained_unet", action=argparse.BooleanOptionalAction, default=None, help="require checkpoints with (or without) BK-SDM's U-Net")
-    p.add_argument("--diffusion_steps", type=int, default=None, help="override the checkpoints' DDIM steps (0: hyper-decoder alone)")
+    p.add_argument("--diffusion_steps", type=int, default=None, help="reverse steps: the checkpoints' (default) or 0 (the hyper-decoder alone)")
     p.add_argument("--data_path", required=True, help="folder of images (e.g. ../shared/data/kodak)")
     p.add_argument("--output_dir", default="./evaluation_results", help="where results go")
     p.add_argument("--batch_size", type=int, default=2, help="images per forward pass for the likelihood estimate")
