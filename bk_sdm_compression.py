@@ -10,9 +10,10 @@ nothing of y is known. Each reverse step runs one denoising U-Net, shared by all
 partly revealed latent and the timestep that says how much is known; the Gaussian it predicts
 codes the next group of y (channel slices x checkerboard halves, as the channel-conditional and
 checkerboard context models of Minnen & Singh 2020 and He et al. 2021 split it), which is then
-revealed. The code length of y is exactly the chain's negative log-likelihood. A last U-Net pass,
-with everything revealed, predicts and removes what is left of the quantization error (latent
-residual prediction, Minnen & Singh 2020) before the synthesis transform.
+revealed. The code length of y is exactly the chain's negative log-likelihood. With
+``latent_denoise`` (off by default: sharing the U-Net, it cost the reveal steps their context), a
+last U-Net pass with everything revealed predicts and removes what is left of the quantization
+error (latent residual prediction, Minnen & Singh 2020) before the synthesis transform.
 
     x (B, 3, H, W) in [0, 1]
       -> analysis                 y       (B, M, h, w)        h, w = H/s, W/s; s = 16 (g_a) or the VAE's
@@ -244,6 +245,8 @@ class CrossAttentionAdapter(nn.Module):
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         tokens = F.adaptive_avg_pool2d(self.proj(cond), self.grid)
         return self.norm(tokens.flatten(2).transpose(1, 2))
+
+
 class FastGaussianConditional(GaussianConditional):
     """CompressAI's ``GaussianConditional``, with the same indexes and the same bytes, faster.
 
@@ -343,6 +346,11 @@ def adapt_pretrained_unet(unet: nn.Module, M: int) -> None:
 
 
 # ---- The model ----
+
+
+def _predicted(k: int, selected: torch.Tensor, means: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``_run_chain``'s ``code_group`` for mode z_only: nothing is coded, the group takes its means."""
+    return means
 
 
 class DiffusionHyperprior(CompressionModel):
@@ -542,8 +550,7 @@ class DiffusionHyperprior(CompressionModel):
             def quantize(k, selected, means, scales):
                 return self.gaussian_conditional.quantize(y[:, selected], "dequantize", means)
 
-            y_hat, means, scales, y_coded = self._run_chain(mu0, sigma0, quantize if self.config.mode == "residual" else
-                                                            lambda k, selected, means, scales: means)  # fmt: skip
+            y_hat, means, scales, y_coded = self._run_chain(mu0, sigma0, quantize if self.config.mode == "residual" else _predicted)
         if self.config.mode == "residual":
             with torch.autocast(device_type=x.device.type, enabled=False):
                 likelihoods["y"] = self._y_likelihoods(y_coded, scales, means)
@@ -580,8 +587,7 @@ class DiffusionHyperprior(CompressionModel):
         def decode(k, selected, means, scales):
             return gc.decompress(strings[k], gc.build_indexes(scales), mu0.dtype, means=means)
 
-        residual_mode = self.config.mode == "residual"
-        y_hat = self._run_chain(mu0, sigma0, decode if residual_mode else lambda k, selected, means, scales: means)[0]
+        y_hat = self._run_chain(mu0, sigma0, decode if self.config.mode == "residual" else _predicted)[0]
         x_hat = self.g_s(y_hat)[..., :height, :width].clamp(0, 1)
         return {"x_hat": x_hat, "y_hat": y_hat}
 

@@ -8,8 +8,7 @@ Trains, with the project's own training script and under one fixed budget per ra
 then measures them on Kodak with real bitstreams, together with the codec's checkpoints decoded
 with 0 steps ("diffusion-hyperprior@0steps": what the steps contribute on the same weights) and
 without the final denoising step when it was trained with one ("diffusion-hyperprior@nodenoise"),
-and JPEG, WebP and AVIF
-through Pillow. Prints BD-rates against each baseline, and writes ``rd_kodak.json``,
+and JPEG, WebP and AVIF through Pillow. Prints BD-rates against each baseline, and writes ``rd_kodak.json``,
 ``per_image.csv``, ``rd_plot.png`` and ``val_curves.png`` (per-step validation of every curve at
 one rate point) into ``--results_dir``.
 
@@ -224,11 +223,12 @@ def codecs_to_measure(args, device) -> list[tuple[ev.Codec, Path | None]]:
                 if not ckpt.is_file():
                     export_reference(args, lam)
                 codecs.append((ev.LearnedCodec(f"{curve}@0steps", point, bk.load_codec(ckpt, diffusion_steps=0)[0], device), ckpt))
+            model = bk.load_codec(ckpt)[0]
+            if curve == "diffusion-hyperprior" and model.latent_denoise:
                 plain = bk.load_codec(ckpt)[0]
-                if plain.latent_denoise:
-                    plain.latent_denoise = False
-                    codecs.append((ev.LearnedCodec(f"{curve}@nodenoise", point, plain, device), ckpt))
-            codecs.append((ev.LearnedCodec(curve, point, bk.load_codec(ckpt)[0], device), ckpt))
+                plain.latent_denoise = False
+                codecs.append((ev.LearnedCodec(f"{curve}@nodenoise", point, plain, device), ckpt))
+            codecs.append((ev.LearnedCodec(curve, point, model, device), ckpt))
     for name in ("jpeg", "webp", "avif"):
         codecs += [(ev.PillowCodec(name, q), None) for q in ev.DEFAULT_QUALITIES[name]]
     return codecs
@@ -269,11 +269,10 @@ def report(results: list[ev.ImageResult], args) -> dict:
         "torch_threads": torch.get_num_threads(),
     }  # fmt: skip
     out = Path(args.results_dir)
+    summary["validation"] = plot_validation_curves(args, out / "val_curves.png")
     lic_common.write_text_atomic(out / "rd_kodak.json", json.dumps(summary, indent=2))
     ev.write_per_image_csv(results, out / "per_image.csv")
     ev.plot_rd(curves, out / "rd_plot.png", title=f"Kodak ({len(summary['images'])} images), {summary['budget']}")
-    summary["validation"] = plot_validation_curves(args, out / "val_curves.png")
-    lic_common.write_text_atomic(out / "rd_kodak.json", json.dumps(summary, indent=2))
 
     text = markdown(summary)
     lic_common.write_text_atomic(out / "rd_kodak.md", text)

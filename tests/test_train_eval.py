@@ -274,7 +274,7 @@ def test_compressai_entropy_models_stay_fp32_under_cpu_autocast(arch):
         assert torch.equal(under_autocast, model.entropy_bottleneck(z)[1])
 
 
-def test_cpu_amp_trains_the_codec_in_bfloat16(image_dir, tmp_path):
+def test_cpu_amp_trains_the_codec_in_bfloat16(image_dir, tmp_path, capsys):
     trainer = tr.Trainer(tr.parse_args(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "run"), *TINY, "--max_steps", "1"]))
     assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
     x = torch.rand(2, 3, 64, 64)
@@ -283,3 +283,4 @@ def test_cpu_amp_trains_the_codec_in_bfloat16(image_dir, tmp_path):
     assert out["x_hat"].dtype == torch.bfloat16 and out["likelihoods"]["y"].dtype == torch.float32
     with pytest.raises(SystemExit):
         tr.main(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "r2"), *TINY, "--amp_dtype", "float16"])
+    assert "--amp on the CPU takes --amp_dtype bfloat16" in capsys.readouterr().err
