@@ -34,8 +34,11 @@ Mode ``z_only`` codes nothing but z: y_hat is the U-Net's prediction with nothin
 Training uses teacher forcing. The revealed groups hold the noisy proxy y + u, u ~ U(-1/2, 1/2),
 which does not depend on the predicted means (CompressAI's models train with the same proxy), so
 the S reveal steps and the denoising step are one batched U-Net pass with no backpropagation
-through a chain. In eval mode ``forward`` runs the exact chain with rounding, which is what
-``compress`` and ``decompress`` do.
+through a chain. With ``decoder_ste`` set (late in training: ``--decoder_ste_from``) the
+synthesis transform sees round(y - means) + means with a straight-through gradient instead, the
+values it decodes (mixed quantization, Minnen & Singh 2020); the rate keeps the proxy. In eval
+mode ``forward`` runs the exact chain with rounding, which is what ``compress`` and
+``decompress`` do.
 
 Analysis / synthesis are CompressAI-style convolutions with GDN (N channels, M latent channels),
 or the pretrained BK-SDM VAE (diffusers ``AutoencoderKL``; nota-ai/bk-sdm-small is a distilled
@@ -71,14 +74,14 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import lic_common  # isort: skip  (before CompressAI: it imports it without a FutureWarning)
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import GDN
 from compressai.models import CompressionModel
 from compressai.models.base import get_scale_table
 from compressai.models.utils import conv, deconv
 from diffusers import UNet2DModel
-
-import lic_common
 
 # ---- Configuration ----
 
@@ -402,6 +405,8 @@ class DiffusionHyperprior(CompressionModel):
         self.set_inference_steps(S)
         # decode with the denoising step; False measures it on its own (the bitstream is the same)
         self.latent_denoise = config.latent_denoise
+        # training: the decoder sees the rounded latent (straight-through), not the noisy proxy
+        self.decoder_ste = False
 
     # -- the masked-diffusion prior --
 
@@ -544,6 +549,8 @@ class DiffusionHyperprior(CompressionModel):
             y_coded = y + torch.empty_like(y).uniform_(-0.5, 0.5)  # the noisy proxy of round(y - mu) + mu
             means, scales, residual = self._teacher_forced(y_coded, mu0, sigma0)
             y_hat = y_coded if self.config.mode == "residual" else means
+            if self.decoder_ste and self.config.mode == "residual":
+                y_hat = y + (torch.round(y - means) + means - y).detach()
             if residual is not None:
                 y_hat = y_hat + residual
         else:

@@ -41,12 +41,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import lic_common  # isort: skip  (before CompressAI: it imports it without a FutureWarning)
 from compressai.layers import GDN
 from compressai.models import FactorizedPrior
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
-
-import lic_common
 
 # ---- Building blocks ----
 

@@ -5,9 +5,11 @@
 - metrics: PSNR on 8-bit RGB and MS-SSIM on RGB in [0, 1], as CompressAI's ``eval_model``;
 - files: atomic writing (checkpoints, result JSON, images) and ``weights_only`` checkpoint loading;
 - seeding;
-- run plumbing: joining a ``torchrun`` process group, and Weights & Biases when asked for.
+- run plumbing: joining a ``torchrun`` process group, and Weights & Biases when asked for;
+- importing CompressAI quietly: it imports torch_geometric, whose ``torch.jit.script`` calls warn
+  (FutureWarning) on every command. Import this module before CompressAI to keep that away.
 
-Importing this module has no side effects.
+Importing this module has no side effects beyond importing CompressAI.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import sys
 import random
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +30,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pytorch_msssim import ms_ssim as _ms_ssim
 from pytorch_msssim import ssim as _ssim
+
+with warnings.catch_warnings():  # see the module docstring; the filter ends with this block
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    import compressai  # noqa: F401
 
 # ---- Image files ----
 

@@ -14,7 +14,8 @@ trains the U-Net too. A larger ``--lambda_rate`` compresses harder. CompressAI w
     python train_bk_sdm_compression.py --data_path ../shared/data/train --output_dir outputs/run1
     torchrun --nproc_per_node 4 train_bk_sdm_compression.py ...      # DistributedDataParallel
 
-Batches are (B, 3, image_size, image_size) random crops in [0, 1]. Everything the run writes is
+Batches are (B, 3, image_size, image_size) random crops in [0, 1] (``--crop_schedule`` grows the
+size during training; ``--downscale_min`` takes them from randomly downscaled images). Everything the run writes is
 inside ``--output_dir``: config.json, training.log, tensorboard/, samples/, last_checkpoint.pth,
 best_checkpoint.pth (entropy tables updated, ready to compress) and checkpoint_<epoch>.pth.
 """
@@ -141,14 +142,18 @@ def checkpoint_model_state(model: nn.Module, config: dict) -> dict:
 class ImageFolderCrops(Dataset):
     """Random crops of every image below a folder (searched recursively).
 
-    The sampler hands each item an (index, seed) pair, so crops and flips depend on the seed
-    alone: the same in every worker, on every rank, and after ``--resume``. A file that cannot be
-    decoded is skipped with a warning (the next file stands in). An image smaller than the crop is
-    first upscaled so that its shorter side equals the crop size.
+    Items are (index, seed, crop) triples from ``SeededSampler``, so crops depend on the seed
+    alone: the same in every worker, on every rank, and after ``--resume``. Training crops come
+    from a random position of the image downscaled by a random factor in ``downscale``
+    (a (low, high) range; (1, 1): none), with a random horizontal flip; validation crops are the
+    centre crop at full size. A file that cannot be decoded is skipped with a warning (the next
+    file stands in). An image smaller than the crop is first upscaled so that its shorter side
+    equals the crop size.
     """
 
-    def __init__(self, files: list[Path], crop: int, train: bool, cache_mb: float = 0):
-        self.files, self.crop, self.train = files, crop, train
+    def __init__(self, files: list[Path], crop: int, train: bool, cache_mb: float = 0,
+                 downscale: tuple[float, float] = (1.0, 1.0)):  # fmt: skip
+        self.files, self.crop, self.train, self.downscale = files, crop, train, downscale
         self.bad: set[Path] = set()
         # decoded images kept in memory (8-bit, per worker) up to cache_mb: a small crop of a
         # large PNG otherwise costs a full decode every time
@@ -178,33 +183,61 @@ class ImageFolderCrops(Dataset):
         raise RuntimeError("no image in the data folder can be decoded")
 
     def __getitem__(self, item) -> torch.Tensor:
-        index, seed = item if isinstance(item, tuple) else (item, 0)
+        index, seed, c = item if isinstance(item, tuple) else (item, 0, None)
+        c = c or self.crop
         x = self._load(index)
-        c = self.crop
-        h, w = x.shape[-2:]
-        if min(h, w) < c:
-            scale = c / min(h, w)
-            h, w = max(c, round(h * scale)), max(c, round(w * scale))
-            x = F.interpolate(x[None], size=(h, w), mode="bicubic", align_corners=False)[0].clamp(0, 1)
         g = torch.Generator().manual_seed(seed)
+        low, high = self.downscale if self.train else (1.0, 1.0)
+        scale = low + (high - low) * torch.rand(1, generator=g).item()
+        h, w = x.shape[-2:]
+        scale = max(scale, c / min(h, w))  # never below the crop: upscale small images instead
+        # the window of the full-size image that becomes the crop once resized by `scale`
+        side = min(round(c / scale), h, w)
         if self.train:
-            top = int(torch.randint(0, h - c + 1, (1,), generator=g))
-            left = int(torch.randint(0, w - c + 1, (1,), generator=g))
+            top = int(torch.randint(0, h - side + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - side + 1, (1,), generator=g))
         else:
-            top, left = (h - c) // 2, (w - c) // 2
-        x = x[:, top : top + c, left : left + c]
+            top, left = (h - side) // 2, (w - side) // 2
+        x = x[:, top : top + side, left : left + side]
+        if side != c:
+            x = F.interpolate(x[None], size=(c, c), mode="bicubic", align_corners=False, antialias=side > c)[0].clamp(0, 1)
         if self.train and torch.rand(1, generator=g).item() < 0.5:
             x = x.flip(-1)
         return x
 
 
-class SeededSampler(Sampler):
-    """Yields (index, seed) pairs: an epoch of ``epoch_size`` draws (a permutation, repeated as
-    needed), split across ranks, from a generator seeded by (seed, epoch). ``skip`` drops the
-    first items, so a run interrupted mid-epoch resumes on exactly the next batch."""
+class CropSchedule:
+    """Crop size as a function of the training step: "64" (always 64 px) or "64,128@3000,256@9000"
+    (64 px, then 128 px from step 3000, then 256 px from step 9000), as CompressAI-style training
+    moves to larger crops once the transforms are roughly in place."""
 
-    def __init__(self, n: int, epoch_size: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+    def __init__(self, spec: str):
+        self.stages = []
+        for i, part in enumerate(spec.split(",")):
+            size, _, start = part.strip().partition("@")
+            try:
+                stage = (int(start) if start else 0, int(size))
+            except ValueError:
+                raise ValueError(f"bad crop schedule {spec!r}: expected SIZE or SIZE@STEP items, e.g. 64,128@3000") from None
+            if (i == 0) != (stage[0] == 0) or stage[1] <= 0 or (self.stages and stage[0] <= self.stages[-1][0]):
+                raise ValueError(f"bad crop schedule {spec!r}: the first size starts at step 0, the others at increasing steps")
+            self.stages.append(stage)
+
+    def __call__(self, step: int) -> int:
+        return next(size for start, size in reversed(self.stages) if step >= start)
+
+
+class SeededSampler(Sampler):
+    """Yields (index, seed, crop) triples: an epoch of ``epoch_size`` draws (a permutation,
+    repeated as needed), split across ranks, from a generator seeded by (seed, epoch); ``crop``
+    is ``crop_schedule`` at the training step whose batch the item falls in (every epoch has the
+    same number of batches of ``batch_size``). ``skip`` drops the first items, so a run
+    interrupted mid-epoch resumes on exactly the next batch."""
+
+    def __init__(self, n: int, epoch_size: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True,
+                 crop_schedule=None, batch_size: int = 1):  # fmt: skip
         self.n, self.epoch_size, self.seed, self.rank, self.world, self.shuffle = n, epoch_size, seed, rank, world, shuffle
+        self.crop_schedule, self.batch_size = crop_schedule or (lambda step: None), batch_size
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -221,7 +254,10 @@ class SeededSampler(Sampler):
         seeds = torch.randint(0, 2**31 - 1, (len(indices),), generator=g).tolist()
         items = list(zip(indices, seeds))
         items += items[: len(self) * self.world - len(items)]  # equal share on every rank
-        return iter(items[self.rank :: self.world][self.skip :])
+        mine = items[self.rank :: self.world]
+        first_step = self.epoch * math.ceil(len(mine) / self.batch_size)
+        mine = [(i, seed, self.crop_schedule(first_step + p // self.batch_size)) for p, (i, seed) in enumerate(mine)]
+        return iter(mine[self.skip :])
 
 
 def split_files(files: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
@@ -363,6 +399,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no step budget)")
     g.add_argument("--time_budget", type=float, default=0.0, help="stop after this many minutes of training (0: none)")
     g.add_argument("--budget_clock", default="wall", choices=("wall", "process"), help="what --time_budget counts: wall time, or this process's CPU time (all threads; steady when other work shares the machine)")
+    g.add_argument("--decoder_ste_from", type=float, default=None, help="codec: from this fraction of training on, the synthesis transform trains on the rounded latent (straight-through) instead of the noisy proxy (default: never)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision (autocast; entropy models stay fp32) on CUDA and on the CPU")
     g.add_argument("--amp_dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype (the CPU takes bfloat16 only)")
 
@@ -371,6 +408,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--val_data_path", default=None, help="folder of validation images (default: a held-out share of --data_path)")
     g.add_argument("--val_fraction", type=float, default=0.1, help="share of --data_path held out when there is no --val_data_path")
     g.add_argument("--image_size", type=int, default=256, help="training crop size")
+    g.add_argument("--crop_schedule", default=None, help="training crop size by step instead, e.g. 64,128@3000,256@9000 (64 px, 128 px from step 3000, 256 px from step 9000)")
+    g.add_argument("--downscale_min", type=float, default=1.0, help="training crops come from the image downscaled by a random factor in [downscale_min, downscale_max] (1 1: none)")
+    g.add_argument("--downscale_max", type=float, default=1.0, help="see --downscale_min")
     g.add_argument("--val_image_size", type=int, default=256, help="validation centre-crop size")
     g.add_argument("--num_workers", type=int, default=2, help="data-loading workers per process")
     g.add_argument("--cache_images_mb", type=float, default=1024, help="decoded images kept in memory per worker (MB, 8-bit; 0: none)")
@@ -387,6 +427,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quality is not None and args.model == bk.ARCHITECTURE:
         p.error("--quality selects a CompressAI architecture's size; use --N/--M for the codec")
+    if not 0 < args.downscale_min <= args.downscale_max <= 1:
+        p.error(f"need 0 < --downscale_min <= --downscale_max <= 1, got {args.downscale_min} and {args.downscale_max}")
+    if args.decoder_ste_from is not None and (args.model != bk.ARCHITECTURE or not 0 <= args.decoder_ste_from <= 1):
+        p.error("--decoder_ste_from is a fraction of training in [0, 1], for the codec only")
+    try:
+        CropSchedule(args.crop_schedule or str(args.image_size))
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -463,10 +511,13 @@ class Trainer:
             train_files, val_files = files, lic_common.list_images(args.val_data_path)
         else:
             train_files, val_files = split_files(files, args.val_fraction)
-        train_set = ImageFolderCrops(train_files, args.image_size, train=True, cache_mb=args.cache_images_mb)
+        crops = CropSchedule(args.crop_schedule or str(args.image_size))
+        train_set = ImageFolderCrops(train_files, args.image_size, train=True, cache_mb=args.cache_images_mb,
+                                     downscale=(args.downscale_min, args.downscale_max))  # fmt: skip
         val_set = ImageFolderCrops(val_files, args.val_image_size, train=False, cache_mb=args.cache_images_mb)
         epoch_size = args.epoch_size or len(train_files)
-        self.sampler = SeededSampler(len(train_files), epoch_size, args.seed, self.rank, self.world)
+        self.sampler = SeededSampler(len(train_files), epoch_size, args.seed, self.rank, self.world,
+                                     crop_schedule=crops, batch_size=args.batch_size)  # fmt: skip
         val_sampler = SeededSampler(len(val_files), len(val_files), 0, self.rank, self.world, shuffle=False)
         # the loaders get generators of their own, so they never draw from the global RNG
         common = dict(num_workers=args.num_workers, pin_memory=self.device.type == "cuda",
@@ -597,11 +648,13 @@ class Trainer:
         self.sampler.set_epoch(epoch, skip=self.state.batches_done * self.args.batch_size)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}", disable=not (self.is_main and self.args.progress),
                    initial=self.state.batches_done, total=len(self.train_loader), dynamic_ncols=True, leave=False)  # fmt: skip
-        sums, count = {}, 0
+        sums, count, images, crop, wall_start = {}, 0, 0, 0, time.perf_counter()
         clock = time.process_time if self.args.budget_clock == "process" else time.perf_counter
         tick = clock()
         for x in bar:
             x = x.to(self.device, non_blocking=True)
+            if self.args.decoder_ste_from is not None:
+                self.model.decoder_ste = self.progress() >= self.args.decoder_ste_from
             with self.autocast():
                 out = self.ddp(x)
             losses = self.criterion(out, x)
@@ -633,6 +686,7 @@ class Trainer:
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
+            images, crop = images + x.shape[0] * self.world, x.shape[-1]
             bar.set_postfix(loss=f"{values['loss']:.4f}", bpp=f"{values['bpp']:.3f}", psnr=f"{values['psnr']:.2f}")
             if self.writer and self.state.step % self.args.log_interval == 0:
                 for k, v in values.items():
@@ -641,7 +695,10 @@ class Trainer:
             if self.should_stop():
                 break
         bar.close()
-        return {k: v / max(count, 1) for k, v in sums.items()}
+        throughput = images / max(time.perf_counter() - wall_start, 1e-9)  # data loading included
+        if self.writer:
+            self.writer.add_scalar("train/images_per_second", throughput, self.state.step)
+        return {k: v / max(count, 1) for k, v in sums.items()} | {"images_per_second": throughput, "crop": crop}
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
@@ -698,7 +755,8 @@ class Trainer:
                         if improved:
                             s.best_loss = val["loss"]
                         self.log.info(
-                            f"epoch {epoch} step {s.step}: train loss {train.get('loss', math.nan):.4f} "
+                            f"epoch {epoch} step {s.step}: {train.get('images_per_second', math.nan):.1f} img/s at "
+                            f"{train.get('crop', 0)} px, train loss {train.get('loss', math.nan):.4f} "
                             f"bpp {train.get('bpp', math.nan):.3f} psnr {train.get('psnr', math.nan):.2f} | val loss "
                             f"{val['loss']:.4f} bpp {val['bpp']:.3f} psnr {val['psnr']:.2f}{' (best)' if improved else ''}"
                         )

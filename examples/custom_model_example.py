@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from compressai.entropy_models import EntropyBottleneck
-from compressai.layers import GDN
-from compressai.models import CompressionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lic_common  # noqa: E402
+import lic_common  # noqa: E402  (before CompressAI: it imports it without a FutureWarning)
+from compressai.entropy_models import EntropyBottleneck  # noqa: E402
+from compressai.layers import GDN  # noqa: E402
+from compressai.models import CompressionModel  # noqa: E402
 from train_example import random_crops  # noqa: E402
 
 

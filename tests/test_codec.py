@@ -1,5 +1,7 @@
 """The diffusion-hyperprior codec: model contract, pretrained loading, bitstream, command line."""
 
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -9,7 +11,7 @@ from PIL import Image
 
 import bk_sdm_compression as bk
 import lic_common
-from conftest import write_image
+from conftest import ROOT, write_image
 
 TINY = dict(N=16, M=16, diffusion_steps=4, unet_channels=8)
 
@@ -180,6 +182,26 @@ def test_training_inputs_are_the_decoders_inputs():
     torch.testing.assert_close(forced_means, means, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(forced_scales, scales, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(decoded + residual, y_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_ste_feeds_the_decoder_the_rounded_latent_with_a_gradient():
+    model = perturbed(tiny_model(diffusion_steps=2)).train()
+    x = torch.rand(2, 3, 64, 64)
+    noisy = model(x)
+    offsets = noisy["y_hat"] - noisy["prediction"]
+    assert not torch.allclose(offsets, offsets.round(), atol=1e-3)  # the noisy proxy
+    model.decoder_ste = True
+    out = model(x)
+    offsets = out["y_hat"] - out["prediction"]
+    torch.testing.assert_close(offsets, offsets.round(), atol=1e-4, rtol=0)  # round(y - means) + means
+    out["x_hat"].sum().backward()
+    assert model.g_a[0].weight.grad.abs().sum() > 0  # straight through to the encoder
+
+
+def test_no_futurewarning_reaches_the_user():
+    proc = subprocess.run([sys.executable, "-W", "default", str(ROOT / "bk_sdm_compression.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and "FutureWarning" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_latent_denoise_changes_only_the_decoded_latent():

@@ -138,11 +138,47 @@ def test_sampler_is_deterministic_and_split_across_ranks():
     s1 = tr.SeededSampler(5, 7, seed=3, rank=1, world=2)
     a, b = list(s0), list(s1)
     assert len(a) == len(b) == 4 and list(s0) == a
-    assert sorted(i for i, _ in a + b)[:7] != []  # every rank gets a share
+    assert sorted(i for i, _, _ in a + b)[:7] != []  # every rank gets a share
     s0.set_epoch(0, skip=2)
     assert list(s0) == a[2:]
     s0.set_epoch(1)
     assert list(s0) != a
+
+
+def test_crop_schedule_follows_the_training_step_across_epochs():
+    schedule = tr.CropSchedule("32,48@3,64@5")
+    assert [schedule(step) for step in range(7)] == [32, 32, 32, 48, 48, 64, 64]
+    for bad in ("32@2", "32,48@0", "32,48@4,64@4", "x"):
+        with pytest.raises(ValueError, match="crop schedule"):
+            tr.CropSchedule(bad)
+    # 5 items per epoch in batches of 2: 3 steps an epoch, so epoch 1 holds steps 3, 4, 5
+    sampler = tr.SeededSampler(5, 5, seed=0, crop_schedule=schedule, batch_size=2)
+    sampler.set_epoch(1)
+    assert [c for _, _, c in sampler] == [48, 48, 48, 48, 64]
+    sampler.set_epoch(1, skip=4)  # resuming mid-epoch keeps each item's step
+    assert [c for _, _, c in sampler] == [64]
+
+
+def test_downscaled_crops_are_smoother_and_the_right_size(tmp_path):
+    torch.manual_seed(0)
+    noise = torch.rand(3, 128, 160)
+    lic_common.save_image(noise, tmp_path / "noise.png")
+    plain = tr.ImageFolderCrops([tmp_path / "noise.png"], 32, train=True)
+    half = tr.ImageFolderCrops([tmp_path / "noise.png"], 32, train=True, downscale=(0.5, 0.5))
+    a, b = plain[(0, 7, 48)], half[(0, 7, 48)]
+    assert a.shape == b.shape == (3, 48, 48)
+    assert torch.equal(plain[(0, 7, 48)], a)  # the seed alone decides the crop
+    # a 2x antialiased downscale averages pixel pairs: white noise loses much of its variance
+    assert b.var() < 0.6 * a.var()
+    for bad in (["--downscale_min", "0.8", "--downscale_max", "0.5"], ["--crop_schedule", "64@10"]):
+        with pytest.raises(SystemExit):
+            tr.parse_args(["--data_path", str(tmp_path), *bad])
+
+
+def test_training_with_a_crop_schedule_and_downscaling(image_dir, tmp_path):
+    result = run_train(image_dir, tmp_path / "run", "--epochs", "2", "--crop_schedule", "32,64@3",
+                       "--downscale_min", "0.5", "--downscale_max", "1")  # fmt: skip
+    assert result["step"] == 6 and math.isfinite(result["best_loss"])
 
 
 def _free_port():
