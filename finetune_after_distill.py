@@ -162,30 +162,25 @@ def split(files: list[Path], val_ratio: float, max_images: int = 0) -> tuple[lis
     return train, val
 
 
-def square_crop(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Resize so the shorter side is ``size``, then a random (or, without generator, centre) crop."""
-    h, w = x.shape[-2:]
-    if min(h, w) != size:
-        scale = size / min(h, w)
-        h, w = max(size, round(h * scale)), max(size, round(w * scale))
-        x = F.interpolate(x[None], size=(h, w), mode="bicubic", align_corners=False, antialias=True)[0].clamp(0, 1)
-    if generator is None:
-        top, left = (h - size) // 2, (w - size) // 2
-    else:
-        top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
-        left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
-    return x[:, top : top + size, left : left + size]
+def fit_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The centred ``size`` crop of ``x`` resized so that its shorter side is ``size`` (prepare's)."""
+    return lic_common.scaled_crop(x, size, size / min(x.shape[-2:]))
 
 
 class Crops(Dataset):
-    """Prepared crops as they are, or crops made on the fly (random for training, centred for
-    validation), skipping files that cannot be decoded."""
+    """Training crops made on the fly (``random_crop``): ``length`` per epoch, each of a random
+    image at a random position, downscaled by a random factor in ``downscale``, randomly flipped;
+    or, for validation and prepared crops, each file's centred crop at ``downscale[1]``
+    (prepared crops are already ``size``: they come out as they are). Files that cannot be
+    decoded are skipped."""
 
-    def __init__(self, files: list[Path], size: int, random_crop: bool, seed: int = 0):
+    def __init__(self, files: list[Path], size: int, random_crop: bool, seed: int = 0,
+                 downscale: tuple[float, float] = (1.0, 1.0), length: int = 0):  # fmt: skip
         self.files, self.size, self.random_crop, self.seed, self.epoch = files, size, random_crop, seed, 0
+        self.downscale, self.length = downscale, length or len(files)
 
     def __len__(self):
-        return len(self.files)
+        return self.length
 
     def __getitem__(self, i):
         for k in range(len(self.files)):
@@ -196,8 +191,11 @@ class Crops(Dataset):
                 print(f"warning: skipping {e}", file=sys.stderr)
         else:
             raise RuntimeError("no readable image in the data folder")
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + i) if self.random_crop else None
-        return square_crop(x, self.size, g)
+        if not self.random_crop:
+            return lic_common.scaled_crop(x, self.size, self.downscale[1])
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + i)
+        x = lic_common.scaled_crop(x, self.size, lic_common.random_scale(g, *self.downscale), g)
+        return x.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else x
 
 
 def data_files(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
@@ -218,7 +216,7 @@ def prepare(args: argparse.Namespace) -> dict:
         (out / subset).mkdir(parents=True, exist_ok=True)
         for f in tqdm(files, desc=subset, disable=not args.progress):
             try:
-                x = square_crop(lic_common.load_image(f), args.crop_size)
+                x = fit_crop(lic_common.load_image(f), args.crop_size)
             except lic_common.ImageError as e:
                 print(f"warning: skipping {e}", file=sys.stderr)
                 continue
@@ -274,12 +272,15 @@ class Stage:
                   "it will no longer decode the teacher's bitstreams")  # fmt: skip
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=args.lr)
-        use_amp = self.device.type == "cuda" and args.amp
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
+        use_amp = args.amp and self.device.type in ("cuda", "cpu")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_amp else nullcontext
         train_files, val_files = data_files(args)
         size = args.crop_size
-        self.train_set = Crops(train_files, size, random_crop=not args.use_prepared, seed=args.seed)
-        self.val_set = Crops(val_files, size, random_crop=False)
+        on_the_fly = not args.use_prepared
+        downscale = (args.downscale_min, args.downscale_max) if on_the_fly else (1.0, 1.0)
+        self.train_set = Crops(train_files, size, random_crop=on_the_fly, seed=args.seed, downscale=downscale,
+                               length=args.crops_per_epoch if on_the_fly else 0)  # fmt: skip
+        self.val_set = Crops(val_files, size, random_crop=False, downscale=downscale)
         self.recon_images = torch.stack([self.val_set[i] for i in range(min(args.recon_count, len(self.val_set)))])
         self.steps_per_epoch = max(1, len(self.train_set) // args.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
@@ -538,6 +539,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         teacher(p)
         p.add_argument("--use_prepared", type=parse_bool, nargs="?", const=True, default=True, help="read prepare's crops (false: crop on the fly)")
         p.add_argument("--crop_size", type=int, default=224, help="training crop side")
+        p.add_argument("--downscale_min", type=float, default=0.5, help="crops on the fly come from the image downscaled by a random factor in [downscale_min, downscale_max]; validation crops are centred at downscale_max")
+        p.add_argument("--downscale_max", type=float, default=1.0, help="see --downscale_min")
+        p.add_argument("--crops_per_epoch", type=int, default=0, help="crops on the fly per epoch, each of a random image (0: one per image)")
         p.add_argument("--save_dir", default=None, help=f"checkpoints and reconstructions (default {d['save_dir']})")
         p.add_argument("--recon_subdir", default=None, help=f"reconstructions go to save_dir/<this>/<tag>/ (default {d['recon_subdir']})")
         p.add_argument("--recon_every", type=int, default=5, help="save reconstructions every this many epochs")
@@ -549,7 +553,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument("--l1_weight", type=float, default=1.0, help="weight of L1 in the loss")
         p.add_argument("--msssim_weight", type=float, default=0.2, help="weight of 1 - MS-SSIM in the loss")
         p.add_argument("--num_workers", type=int, default=2, help="data-loading workers")
-        p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bfloat16 autocast on CUDA")
+        p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bfloat16 autocast of the student's training forward (CUDA and CPU); targets, validation and eval stay fp32")
         p.add_argument("--seed", type=int, default=0, help="random seed")
         p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False, help="continue this stage from its last checkpoint in save_dir")
         p.add_argument("--wandb_project", default=None, help="also log to Weights & Biases (if installed; off with WANDB_DISABLED=true)")

@@ -2,6 +2,7 @@
 
 - image files: listing a folder, decoding any PNG / JPEG / WebP (grayscale, RGBA and 16-bit
   included) to a float RGB tensor in [0, 1] of shape (3, H, W), and writing one back as PNG;
+- training crops: a square crop of an image downscaled by a random factor;
 - metrics: PSNR on 8-bit RGB and MS-SSIM on RGB in [0, 1], as CompressAI's ``eval_model``;
 - files: atomic writing (checkpoints, result JSON, images) and ``weights_only`` checkpoint loading;
 - seeding;
@@ -108,6 +109,30 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float image(s) in [0, 1] to 8-bit values, rounded as a PNG writer would."""
     return x.detach().clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def scaled_crop(x: torch.Tensor, size: int, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A ``size`` x ``size`` crop of image ``x`` (3, H, W) resized by ``scale``: at a random
+    position drawn from ``generator``, or centred without one. Only the window that becomes the
+    crop is resized (bicubic, antialiased when shrinking). A scale that would leave the image
+    smaller than the crop is raised to fit it (small images are upscaled)."""
+    h, w = x.shape[-2:]
+    scale = max(scale, size / min(h, w))
+    side = min(round(size / scale), h, w)
+    if generator is None:
+        top, left = (h - side) // 2, (w - side) // 2
+    else:
+        top = int(torch.randint(0, h - side + 1, (1,), generator=generator))
+        left = int(torch.randint(0, w - side + 1, (1,), generator=generator))
+    x = x[:, top : top + side, left : left + side]
+    if side != size:
+        x = F.interpolate(x[None], size=(size, size), mode="bicubic", align_corners=False, antialias=side > size)[0].clamp(0, 1)
+    return x
+
+
+def random_scale(generator: torch.Generator, low: float, high: float) -> float:
+    """A downscaling factor drawn uniformly from [low, high] (1, 1: none)."""
+    return low + (high - low) * torch.rand(1, generator=generator).item()
 
 
 # ---- Writing files atomically ----

@@ -187,20 +187,10 @@ class ImageFolderCrops(Dataset):
         c = c or self.crop
         x = self._load(index)
         g = torch.Generator().manual_seed(seed)
-        low, high = self.downscale if self.train else (1.0, 1.0)
-        scale = low + (high - low) * torch.rand(1, generator=g).item()
-        h, w = x.shape[-2:]
-        scale = max(scale, c / min(h, w))  # never below the crop: upscale small images instead
-        # the window of the full-size image that becomes the crop once resized by `scale`
-        side = min(round(c / scale), h, w)
         if self.train:
-            top = int(torch.randint(0, h - side + 1, (1,), generator=g))
-            left = int(torch.randint(0, w - side + 1, (1,), generator=g))
+            x = lic_common.scaled_crop(x, c, lic_common.random_scale(g, *self.downscale), g)
         else:
-            top, left = (h - side) // 2, (w - side) // 2
-        x = x[:, top : top + side, left : left + side]
-        if side != c:
-            x = F.interpolate(x[None], size=(c, c), mode="bicubic", align_corners=False, antialias=side > c)[0].clamp(0, 1)
+            x = lic_common.scaled_crop(x, c, 1.0)
         if self.train and torch.rand(1, generator=g).item() < 0.5:
             x = x.flip(-1)
         return x

@@ -159,3 +159,13 @@ def test_wrong_teacher_checkpoint_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         fd.main(["eval", "--data_path", str(tmp_path), "--teacher_checkpoint", str(tmp_path / "t.pth")])
     assert "the teacher is bmshj2018-factorized" in capsys.readouterr().err
+
+
+def test_crops_on_the_fly_give_many_distinct_downscaled_crops(image_dir):
+    files = lic_common.list_images(image_dir)[:2]
+    crops = fd.Crops(files, 32, random_crop=True, downscale=(0.5, 1.0), length=10)
+    batch = torch.stack([crops[i] for i in range(len(crops))])
+    assert len(crops) == 10 and batch.shape == (10, 3, 32, 32)
+    assert len({tuple(c.flatten()[:16].tolist()) for c in batch}) == 10  # ten different crops of two images
+    val = fd.Crops(files, 32, random_crop=False, downscale=(0.5, 1.0))
+    assert len(val) == 2 and torch.equal(val[0], val[0])
