@@ -546,7 +546,8 @@ class DiffusionHyperprior(CompressionModel):
         y = y.float()
         likelihoods = {"z": z_likelihoods}
         if self.training:
-            y_coded = y + torch.empty_like(y).uniform_(-0.5, 0.5)  # the noisy proxy of round(y - mu) + mu
+            # the noisy proxy of round(y - mu) + mu (drawn in logical order: the same in any memory format)
+            y_coded = y + torch.rand(y.shape, device=y.device).sub_(0.5)
             means, scales, residual = self._teacher_forced(y_coded, mu0, sigma0)
             y_hat = y_coded if self.config.mode == "residual" else means
             if self.decoder_ste and self.config.mode == "residual":

@@ -119,3 +119,15 @@ def test_plot_validation_reads_the_training_logs(tmp_path):
     assert curves["A"] == {"step": [100.0, 200.0], "loss": [0.02, 0.015], "bpp": [0.8, 0.7], "psnr": [19.0, 20.0]}
     assert curves["B"]["psnr"] == [20.5, 21.5]
     assert (tmp_path / "v.png").is_file() and json.loads((tmp_path / "v.json").read_text()) == curves
+
+
+def test_training_speed_reports_every_variant(image_dir, tmp_path):
+    import training_speed
+
+    out = tmp_path / "speed.json"
+    result = training_speed.main(["--N", "8", "--M", "8", "--unet_channels", "8", "--crop", "64", "--batch_size", "2",
+                                  "--steps", "1", "--threads", "1", "--train_data", str(image_dir), "--output", str(out)])  # fmt: skip
+    assert set(result["images_per_second"]) == {"diffusion-hyperprior", "mbt2018-mean"}
+    for row in result["images_per_second"].values():
+        assert set(row) == set(training_speed.VARIANTS) and all(v > 0 for v in row.values())
+    assert result["data_crops_per_second"] > 0 and json.loads(out.read_text()) == result

@@ -198,6 +198,18 @@ def test_decoder_ste_feeds_the_decoder_the_rounded_latent_with_a_gradient():
     assert model.g_a[0].weight.grad.abs().sum() > 0  # straight through to the encoder
 
 
+def test_channels_last_computes_the_same_training_forward():
+    model = perturbed(tiny_model(diffusion_steps=4)).train()
+    x = torch.rand(2, 3, 64, 64)
+    torch.manual_seed(1)
+    plain = model(x)
+    model.to(memory_format=torch.channels_last)
+    torch.manual_seed(1)
+    nhwc = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(nhwc["x_hat"], plain["x_hat"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(nhwc["likelihoods"]["y"], plain["likelihoods"]["y"], rtol=1e-4, atol=1e-5)
+
+
 def test_no_futurewarning_reaches_the_user():
     proc = subprocess.run([sys.executable, "-W", "default", str(ROOT / "bk_sdm_compression.py"), "--help"],
                           capture_output=True, text=True, timeout=120)  # fmt: skip

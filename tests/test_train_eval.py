@@ -320,3 +320,17 @@ def test_cpu_amp_trains_the_codec_in_bfloat16(image_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         tr.main(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "r2"), *TINY, "--amp_dtype", "float16"])
     assert "--amp on the CPU takes --amp_dtype bfloat16" in capsys.readouterr().err
+
+
+def test_init_from_starts_a_new_run_from_another_runs_model(image_dir, tmp_path):
+    run_train(image_dir, tmp_path / "a", "--epochs", "1")
+    source = lic_common.load_checkpoint(tmp_path / "a" / "last_checkpoint.pth")
+    args = tr.parse_args(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "b"), *TINY, "--N", "16",
+                          "--lambda_rate", "1e-2", "--init_from", str(tmp_path / "a" / "last_checkpoint.pth")])  # fmt: skip
+    trainer = tr.Trainer(args)
+    assert trainer.config == source["run_config"]["model"] and trainer.state.step == 0  # the sizes come from the checkpoint
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in source["state_dict"].items() if k in state)
+    with pytest.raises(lic_common.CheckpointError, match="not a training checkpoint"):
+        lic_common.save_checkpoint({"state_dict": {}}, tmp_path / "bare.pth")
+        tr.Trainer(tr.parse_args(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "c"), *TINY, "--init_from", str(tmp_path / "bare.pth")]))
