@@ -305,6 +305,7 @@ def evaluate(codecs: list[Codec], files: list[Path], args: argparse.Namespace, d
                 if est is not None:
                     for p, bpp, x_hat in zip(chunk, est[0], est[1]):
                         estimates[p] = (bpp, x_hat)
+        mismatched = []  # (fraction of values, max difference) of images whose file decodes unlike the forward pass
         for p, x in images.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -319,14 +320,17 @@ def evaluate(codecs: list[Codec], files: list[Path], args: argparse.Namespace, d
                 matches = bool(torch.equal(lic_common.to_uint8(x_fwd), lic_common.to_uint8(x_hat)))
                 if not matches:
                     diff = (lic_common.to_uint8(x_fwd).int() - lic_common.to_uint8(x_hat).int()).abs()
-                    print(f"warning: {codec.label} {codec.point} {p.name}: decompress(compress(x)) differs from the "
-                          f"forward pass in {(diff > 0).float().mean().item():.2%} of values (max {diff.max().item()} / 255)")  # fmt: skip
+                    mismatched.append(((diff > 0).float().mean().item(), diff.max().item()))
             table_bits = codec.table_bits(x)
             bpp_table = math.nan if table_bits is None else table_bits / (h * w)
             results.append(ImageResult(codec.label, codec.point, p.name, bpp, bpp_est, psnr, msssim, 24 / bpp,
                                        t_enc, t_dec, peak_memory_mb(device), matches, bpp_table))  # fmt: skip
             if args.save_samples:
                 save_samples(Path(args.output_dir) / "samples" / codec.label / codec.point.replace("/", "_"), p.stem, x, x_hat)
+        if mismatched:  # batched and single-image float arithmetic may round a few values the other way
+            print(f"note: {codec.label} {codec.point}: on {len(mismatched)} of {len(images)} images decompress(compress(x)) "
+                  f"differs from the batched forward pass, in at most {max(f for f, _ in mismatched):.3%} of the values, "
+                  f"by at most {max(d for _, d in mismatched)} / 255")  # fmt: skip
         point = [r for r in results if (r.curve, r.point) == (codec.label, codec.point)]
         print(f"{codec.label:>24} {codec.point:<28} bpp {np.mean([r.bpp for r in point]):.4f} "
               f"(est. {np.mean([r.bpp_estimate for r in point]):.4f})  PSNR {np.mean([r.psnr for r in point]):.2f} dB  "
