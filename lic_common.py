@@ -3,6 +3,7 @@
 - image files: listing a folder, decoding any PNG / JPEG / WebP (grayscale, RGBA and 16-bit
   included) to a float RGB tensor in [0, 1] of shape (3, H, W), and writing one back as PNG;
 - training crops: a square crop of an image downscaled by a random factor;
+- scikit-image's bundled photographs as PNG files (the photographs no model here was trained on);
 - metrics: PSNR on 8-bit RGB and MS-SSIM on RGB in [0, 1], as CompressAI's ``eval_model``;
 - files: atomic writing (checkpoints, result JSON, images) and ``weights_only`` checkpoint loading;
 - seeding;
@@ -104,6 +105,28 @@ def load_image(path: str | os.PathLike) -> torch.Tensor:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot decode image {path}: {e}") from e
+
+
+UNSEEN_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle")
+
+
+def write_sample_photos(folder: str | os.PathLike, names=UNSEEN_PHOTOS) -> list[Path]:
+    """Photographs bundled with scikit-image, written as PNG into ``folder`` (offline). None of
+    them is training data or Kodak: the checks on photographs the project has never seen."""
+    import skimage.data
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        arr = getattr(skimage.data, name)()
+        arr = arr[0] if isinstance(arr, tuple) else arr  # stereo_motorcycle: (left, right, disparity)
+        path = folder / f"{name}.png"
+        if not path.is_file():
+            with _atomic_file(path, "wb") as f:
+                Image.fromarray(arr).save(f, format="PNG")
+        paths.append(path)
+    return paths
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

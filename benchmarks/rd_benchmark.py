@@ -235,15 +235,21 @@ def codecs_to_measure(args, device) -> list[tuple[ev.Codec, Path | None]]:
 
 
 def measure(args, device) -> list[ev.ImageResult]:
-    """Every codec on every Kodak image, each codec's results cached by its checkpoint file's mtime."""
-    cache_path = Path(args.results_dir) / "eval_cache.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    """Every codec on every Kodak image (cached, see ``evaluate_cached``)."""
     files = lic_common.list_images(args.kodak)[: args.max_images or None]
+    return evaluate_cached(codecs_to_measure(args, device), files, Path(args.results_dir) / "eval_cache.json", device)
+
+
+def evaluate_cached(codecs: list[tuple[ev.Codec, Path | None]], files: list[Path], cache_path: Path, device) -> list[ev.ImageResult]:
+    """``ev.evaluate`` of each codec on ``files``, its results cached in ``cache_path`` under the
+    codec's label, point, the image count and, for a learned codec, its checkpoint file's name and
+    mtime (a retrained checkpoint is measured again)."""
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     results = []
-    for codec, ckpt in codecs_to_measure(args, device):
+    for codec, ckpt in codecs:
         key = f"{codec.label}|{codec.point}|{len(files)}" + (f"|{ckpt.name}|{ckpt.stat().st_mtime_ns}" if ckpt else "")
         if key not in cache:
-            eval_args = argparse.Namespace(batch_size=1, save_samples=False, output_dir=args.results_dir)
+            eval_args = argparse.Namespace(batch_size=1, save_samples=False, output_dir=str(cache_path.parent))
             cache[key] = [asdict(r) for r in ev.evaluate([codec], files, eval_args, device)]
             lic_common.write_text_atomic(cache_path, json.dumps(cache))
         results += [ev.ImageResult(**r) for r in cache[key]]

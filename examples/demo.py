@@ -35,15 +35,8 @@ TEST_PHOTOS = ("chelsea", "coffee", "rocket")
 
 def write_sample_photos(folder: Path) -> tuple[Path, list[Path]]:
     """scikit-image's bundled photographs as PNG: a training folder and the held-out test photos."""
-    import skimage.data
-
-    (folder / "train").mkdir(parents=True, exist_ok=True)
-    for name in TRAIN_PHOTOS:
-        Image.fromarray(getattr(skimage.data, name)()).save(folder / "train" / f"{name}.png")
-    tests = [folder / f"{name}.png" for name in TEST_PHOTOS]
-    for name, path in zip(TEST_PHOTOS, tests):
-        Image.fromarray(getattr(skimage.data, name)()).save(path)
-    return folder / "train", tests
+    lic_common.write_sample_photos(folder / "train", TRAIN_PHOTOS)
+    return folder / "train", lic_common.write_sample_photos(folder, TEST_PHOTOS)
 
 
 def train_quick_codec(data: Path, out: Path, minutes: float) -> Path:

@@ -131,3 +131,26 @@ def test_training_speed_reports_every_variant(image_dir, tmp_path):
     for row in result["images_per_second"].values():
         assert set(row) == set(training_speed.VARIANTS) and all(v > 0 for v in row.values())
     assert result["data_crops_per_second"] > 0 and json.loads(out.read_text()) == result
+
+
+def test_reference_benchmark_trains_fine_tunes_ships_and_reports(image_dir, tmp_path):
+    import reference_benchmark
+
+    kodak = tmp_path / "kodak"
+    for i in range(2):
+        write_image(kodak / f"kodim0{i}.png", (64, 96), seed=20 + i)
+    argv = ["--train_data", str(image_dir), "--kodak", str(kodak), "--runs_dir", str(tmp_path / "runs"),
+            "--results_dir", str(tmp_path / "results"), "--reference_dir", str(tmp_path / "ref"),
+            "--lambdas", "1e-2", "1e-3", "--base_lambda", "1e-3", "--N", "8", "--M", "8", "--unet_channels", "8",
+            "--base_steps", "2", "--finetune_steps", "1", "--crop_schedule", "64", "--finetune_crop_schedule", "64",
+            "--image_size", "64", "--batch_size", "2", "--epoch_size", "4", "--warmup_steps", "1", "--threads", "1"]  # fmt: skip
+    summary = reference_benchmark.main(argv)
+    fine_tuned = json.loads((tmp_path / "runs" / "diffusion-hyperprior" / "lambda0.01" / "done.json").read_text())
+    assert "--init_from" in fine_tuned["command"] and fine_tuned["step"] == 1
+    assert sorted(p.name for p in (tmp_path / "ref").iterdir()) == ["diffusion-hyperprior-lambda0.001.pth", "diffusion-hyperprior-lambda0.01.pth"]
+    curves = summary["kodak"]["curves"]
+    assert {"diffusion-hyperprior", "mbt2018-mean (same recipe)", "jpeg", "webp", "avif"} <= set(curves)
+    assert len(curves["diffusion-hyperprior"]["results"]["bpp"]) == 2
+    assert set(summary["kodak"]["bd_rate"]) == {"jpeg", "webp"} and set(summary["unseen"]["bd_rate"]) == {"jpeg", "webp"}
+    assert len(summary["unseen"]["images"]) == 5 and len(summary["published"]) == 2
+    assert (tmp_path / "results" / "reference_plot.png").is_file() and "vs jpeg" in (tmp_path / "results" / "reference.md").read_text()
