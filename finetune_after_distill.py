@@ -285,6 +285,8 @@ class Stage:
         self.steps_per_epoch = max(1, len(self.train_set) // args.batch_size)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.epoch, self.best = 0, -math.inf
+        self.history_path = self.save_dir / f"{self.stage}_history.json"
+        self.history = []  # one entry per epoch: training loss and validation metrics, for curves
         if args.resume:
             self._resume(self.save_dir / defaults["last"])
         self.writer = self._writer()
@@ -320,6 +322,7 @@ class Stage:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch, self.best = ckpt["epoch"] + 1, ckpt["best_msssim"]
+        self.history = ckpt.get("history", [])
         lic_common.set_rng_state(ckpt["rng"])
 
     def _writer(self):
@@ -346,6 +349,7 @@ class Stage:
             "kind": "student", "stage": self.stage, "epoch": epoch, "best_msssim": self.best, "metrics": metrics,
             "student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": lic_common.rng_state(), "config": vars(self.args),
+            "history": self.history,
         }, self.save_dir / name)  # fmt: skip
 
     @torch.no_grad()
@@ -406,6 +410,8 @@ class Stage:
             train = self.train_one_epoch(epoch)
             metrics = self.validate()
             self.log({f"train/{k}": v for k, v in train.items()} | metrics | {"lr": self.optimizer.param_groups[0]["lr"]}, epoch)
+            self.history.append({"epoch": epoch, "step": (epoch + 1) * self.steps_per_epoch, "train_loss": train["loss"], **metrics})
+            lic_common.write_text_atomic(self.history_path, json.dumps(self.history, indent=1))
             improved = metrics["val/ms_ssim"] > self.best
             self.best = max(self.best, metrics["val/ms_ssim"])
             print(f"{self.stage} epoch {epoch}: loss {train['loss']:.4f} | val PSNR {metrics['val/psnr']:.2f} dB "

@@ -154,3 +154,26 @@ def test_reference_benchmark_trains_fine_tunes_ships_and_reports(image_dir, tmp_
     assert set(summary["kodak"]["bd_rate"]) == {"jpeg", "webp"} and set(summary["unseen"]["bd_rate"]) == {"jpeg", "webp"}
     assert len(summary["unseen"]["images"]) == 5 and len(summary["published"]) == 2
     assert (tmp_path / "results" / "reference_plot.png").is_file() and "vs jpeg" in (tmp_path / "results" / "reference.md").read_text()
+
+
+def test_student_benchmark_trains_teacher_and_student_and_reports_every_stage(image_dir, tmp_path):
+    import student_benchmark
+
+    kodak = tmp_path / "kodak"
+    for i in range(2):
+        write_image(kodak / f"kodim0{i}.png", (64, 96), seed=30 + i)
+    out = tmp_path / "results" / "student.json"
+    argv = ["--train_data", str(image_dir), "--kodak", str(kodak), "--work_dir", str(tmp_path / "work"), "--output", str(out),
+            "--N", "8", "--M", "8", "--teacher_steps", "2", "--teacher_crop", "64", "--distill_epochs", "1", "--finetune_epochs", "1",
+            "--crops_per_epoch", "4", "--crop_size", "32", "--batch_size", "2", "--warmup_steps", "1", "--threads", "1"]  # fmt: skip
+    result = student_benchmark.main(argv)
+    assert json.loads((tmp_path / "work" / "teacher_done.json").read_text())["step"] == 2
+    for where in ("kodak", "unseen"):
+        assert set(result[where]) == set(student_benchmark.STAGES)
+        for r in result[where].values():
+            assert r["student_decodes_teacher_bitstreams"] and abs(r["teacher_psnr"] - r["student_psnr"] - r["psnr_gap_db"]) < 1e-9
+    # the initialised student is not the distilled one: training moved it
+    assert result["kodak"]["initialised"]["student_psnr"] != result["kodak"]["distilled"]["student_psnr"]
+    assert set(result["curves"]) == {"distill", "finetune"} and len(result["curves"]["distill"]) == 1
+    assert (out.parent / "student_curves.png").is_file() and (out.parent / "student_crops.png").is_file()
+    assert json.loads(out.read_text())["picture"]["image"] == "kodim00.png"
