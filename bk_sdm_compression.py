@@ -774,15 +774,8 @@ def slim_checkpoint(ckpt: dict, half: bool = True) -> dict:
     entropy tables: ``load_codec`` derives them). With ``half``, a float tensor is stored in fp16
     when that moves no value by more than fp16's epsilon times the tensor's largest magnitude;
     tensors of tiny values (GDN's reparametrised betas) keep fp32. About a third of the size."""
-    eps = torch.finfo(torch.float16).eps
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if not (half and t.is_floating_point() and t.numel()):
-            return t
-        h = t.half()
-        return h if (h.float() - t).abs().max() <= eps * t.abs().max() else t
-
-    state = {k: pack(v) for k, v in ckpt["state_dict"].items() if not k.endswith(ENTROPY_TABLES)}
+    state = {k: v for k, v in ckpt["state_dict"].items() if not k.endswith(ENTROPY_TABLES)}
+    state = lic_common.half_where_exact(state) if half else state
     return {"architecture": ckpt["architecture"], "codec_format": ckpt.get("codec_format", 1), "config": ckpt["config"],
             "state_dict": state}  # fmt: skip
 

@@ -98,6 +98,30 @@ def make_student(teacher: FactorizedPrior) -> FactorizedPrior:
     return student
 
 
+def load_student(student: FactorizedPrior, path) -> dict:
+    """Load a student checkpoint of this script (a stage's, or ``slim_student``'s decoder alone)
+    into ``student``, a ``make_student`` of the teacher; returns the checkpoint."""
+    ckpt = lic_common.load_checkpoint(path)
+    if ckpt.get("kind") != "student":
+        raise lic_common.CheckpointError(f"{path} is not a student checkpoint of this script")
+    state = ckpt["student"]
+    if ckpt.get("decoder_only"):  # the rest is the teacher's, which make_student copied
+        state = student.state_dict() | state
+    try:
+        student.load_state_dict(state)
+    except RuntimeError as e:
+        raise lic_common.CheckpointError(f"{path} does not fit this teacher's student: {e}") from e
+    return ckpt
+
+
+def slim_student(ckpt: dict) -> dict:
+    """A student checkpoint to ship: its decoder ``g_s`` alone (the encoder and entropy model are
+    the teacher's), fp16 where exact enough, and the stage's figures; no optimizer state."""
+    decoder = {k: v for k, v in ckpt["student"].items() if k.startswith("g_s.")}
+    return {"kind": "student", "decoder_only": True, "stage": ckpt["stage"], "epoch": ckpt["epoch"],
+            "metrics": ckpt["metrics"], "student": lic_common.half_where_exact(decoder)}  # fmt: skip
+
+
 def set_trainable(student: nn.Module, stage: str, train_igdn: bool = False, unfreeze_all: bool = False, freeze_igdn: bool = False) -> list[str]:
     """Freeze / unfreeze the student for a stage; returns the names of what trains.
 
@@ -308,10 +332,7 @@ class Stage:
         student = make_student(self.teacher)
         if self.stage == "finetune":
             path = Path(self.args.resume_student)
-            ckpt = lic_common.load_checkpoint(path)
-            if ckpt.get("kind") != "student":
-                raise lic_common.CheckpointError(f"{path} is not a student checkpoint of this script")
-            student.load_state_dict(ckpt["student"])
+            load_student(student, path)
         return student
 
     def _resume(self, path: Path) -> None:
@@ -463,10 +484,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     teacher = load_teacher(args).to(device)
     student = make_student(teacher)
     if args.checkpoint:
-        ckpt = lic_common.load_checkpoint(args.checkpoint)
-        if ckpt.get("kind") != "student":
-            raise lic_common.CheckpointError(f"{args.checkpoint} is not a student checkpoint of this script")
-        student.load_state_dict(ckpt["student"])
+        load_student(student, args.checkpoint)
     student = student.to(device).eval()
     student.update(force=True)
     same_coder = all(torch.equal(a, b) for a, b in zip(teacher.entropy_bottleneck.state_dict().values(), student.entropy_bottleneck.state_dict().values()))

@@ -236,6 +236,21 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
         torch.save(state, f)
 
 
+def half_where_exact(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict to ship: each float tensor in fp16 when that moves no value by more than
+    fp16's epsilon times the tensor's largest magnitude, else as it is (tensors of tiny values,
+    such as GDN's reparametrised betas, keep fp32). ``load_state_dict`` casts them back."""
+    eps = torch.finfo(torch.float16).eps
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not (t.is_floating_point() and t.numel()):
+            return t
+        h = t.half()
+        return h if (h.float() - t).abs().max() <= eps * t.abs().max() else t
+
+    return {k: pack(v) for k, v in state.items()}
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or of the wrong kind."""
 

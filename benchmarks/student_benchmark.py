@@ -53,6 +53,7 @@ def parse_args(argv):
     p.add_argument("--work_dir", default=str(ROOT / "benchmarks" / "runs" / "student"), help="teacher run, student checkpoints (keep it outside the work tree)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "student.json"), help="the figures (pictures go beside it)")
     p.add_argument("--teacher_checkpoint", default=None, help="use this bmshj2018-factorized checkpoint instead of training one")
+    p.add_argument("--ship_dir", default=str(ROOT / "reference_checkpoints" / "student"), help="where slim copies of the trained teacher and the fine-tuned student go (the figures are measured on them)")
     p.add_argument("--N", type=int, default=128, help="teacher channels")
     p.add_argument("--M", type=int, default=320, help="teacher latent channels")
     p.add_argument("--lambda_rate", type=float, default=8.5e-5, help="teacher rate weight (CompressAI quality 8)")
@@ -94,6 +95,22 @@ def train_teacher(args, work: Path) -> tuple[str, str]:
     return str(out / "best_checkpoint.pth"), "python train_bk_sdm_compression.py " + " ".join(argv)
 
 
+def ship(args, teacher_ckpt: str, student_ckpt: Path) -> tuple[str, Path]:
+    """Slim copies of the teacher (unless it was given) and of the fine-tuned student's decoder."""
+    ship_dir = Path(args.ship_dir)
+    teacher_out = teacher_ckpt
+    if not args.teacher_checkpoint:
+        ckpt = lic_common.load_checkpoint(teacher_ckpt)
+        teacher_out = str(ship_dir / "bmshj2018-factorized-teacher.pth")
+        # the entropy model stays fp32, so its tables (and the bitstreams) are exactly the trained teacher's
+        coder = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("entropy_bottleneck.")}
+        state = lic_common.half_where_exact({k: v for k, v in ckpt["state_dict"].items() if k not in coder}) | coder
+        lic_common.save_checkpoint({"architecture": ckpt["architecture"], "model_args": ckpt["model_args"], "state_dict": state}, teacher_out)
+    student_out = ship_dir / "student-decoder.pth"
+    lic_common.save_checkpoint(fd.slim_student(lic_common.load_checkpoint(student_ckpt)), student_out)
+    return teacher_out, student_out
+
+
 def plot_curves(work: Path, path: Path) -> dict:
     """Per-epoch validation of both stages: student against its target and against the originals."""
     import matplotlib
@@ -129,7 +146,7 @@ def crop_picture(args, teacher_ckpt: str, student_ckpt: Path, path: Path) -> dic
     image = next((f for f in files if f.name == args.picture_image), files[0])
     teacher = fd.load_teacher(argparse.Namespace(teacher_checkpoint=teacher_ckpt, quality=8))
     student = fd.make_student(teacher)
-    student.load_state_dict(lic_common.load_checkpoint(student_ckpt)["student"])
+    fd.load_student(student, student_ckpt)
     student.update(force=True)
     x = lic_common.load_image(image)[None]
     h, w = x.shape[-2:]
@@ -171,17 +188,20 @@ def main(argv) -> dict:
             cached(work / f"{name}_done.json", lambda: fd.main([name, *stage, "--epochs", str(epochs), *resume]))
     finally:
         os.chdir(cwd)
+    shipped_teacher, shipped_student = ship(args, teacher_ckpt, work / "checkpoints_ft" / "ft_best.pt")
+    teacher = ["--teacher_checkpoint", str(Path(shipped_teacher).resolve())]
     students = {"initialised": [], "distilled": ["--checkpoint", str(work / "checkpoints" / "best_msssim.pt")],
-                "finetuned": ["--checkpoint", str(work / "checkpoints_ft" / "ft_best.pt")]}  # fmt: skip
+                "finetuned": ["--checkpoint", str(shipped_student)]}  # fmt: skip
     unseen = lic_common.write_sample_photos(work / "unseen_photos")
-    result = {"teacher_command": teacher_command, "teacher_checkpoint": teacher_ckpt, "kodak": {}, "unseen": {}}
+    result = {"teacher_command": teacher_command, "teacher_checkpoint": shipped_teacher, "student_checkpoint": str(shipped_student),
+              "kodak": {}, "unseen": {}}  # fmt: skip
     for name, ckpt in students.items():
         result["kodak"][name] = fd.main(["eval", "--data_path", args.kodak, *teacher, "--max_images", str(args.max_images), *ckpt])
         result["unseen"][name] = fd.main(["eval", "--data_path", str(unseen[0].parent), *teacher, *ckpt])
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     result["curves"] = plot_curves(work, out.parent / "student_curves.png")
-    result["picture"] = crop_picture(args, teacher_ckpt, work / "checkpoints_ft" / "ft_best.pt", out.parent / "student_crops.png")
+    result["picture"] = crop_picture(args, shipped_teacher, shipped_student, out.parent / "student_crops.png")
     print(f"\n{'student':<12}{'where':<8}{'gap to teacher (dB)':>21}{'MS-SSIM s - t':>15}{'checkerboard s / t (dB)':>26}")
     for where in ("kodak", "unseen"):
         for name in STAGES:

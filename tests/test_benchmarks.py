@@ -165,8 +165,12 @@ def test_student_benchmark_trains_teacher_and_student_and_reports_every_stage(im
     out = tmp_path / "results" / "student.json"
     argv = ["--train_data", str(image_dir), "--kodak", str(kodak), "--work_dir", str(tmp_path / "work"), "--output", str(out),
             "--N", "8", "--M", "8", "--teacher_steps", "2", "--teacher_crop", "64", "--distill_epochs", "1", "--finetune_epochs", "1",
-            "--crops_per_epoch", "4", "--crop_size", "32", "--batch_size", "2", "--warmup_steps", "1", "--threads", "1"]  # fmt: skip
+            "--crops_per_epoch", "4", "--crop_size", "32", "--batch_size", "2", "--warmup_steps", "1", "--threads", "1",
+            "--ship_dir", str(tmp_path / "ship")]  # fmt: skip
     result = student_benchmark.main(argv)
+    assert sorted(p.name for p in (tmp_path / "ship").iterdir()) == ["bmshj2018-factorized-teacher.pth", "student-decoder.pth"]
+    shipped = torch.load(tmp_path / "ship" / "student-decoder.pth", weights_only=True)
+    assert shipped["decoder_only"] and all(k.startswith("g_s.") for k in shipped["student"])
     assert json.loads((tmp_path / "work" / "teacher_done.json").read_text())["step"] == 2
     for where in ("kodak", "unseen"):
         assert set(result[where]) == set(student_benchmark.STAGES)

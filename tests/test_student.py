@@ -169,3 +169,22 @@ def test_crops_on_the_fly_give_many_distinct_downscaled_crops(image_dir):
     assert len({tuple(c.flatten()[:16].tolist()) for c in batch}) == 10  # ten different crops of two images
     val = fd.Crops(files, 32, random_crop=False, downscale=(0.5, 1.0))
     assert len(val) == 2 and torch.equal(val[0], val[0])
+
+
+def test_slim_student_holds_the_decoder_alone_and_loads_like_the_full_one(teacher, tmp_path):
+    student = fd.make_student(teacher)
+    with torch.no_grad():
+        for p in student.g_s.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    full = {"kind": "student", "stage": "finetune", "epoch": 3, "metrics": {}, "student": student.state_dict(), "optimizer": {}}
+    lic_common.save_checkpoint(fd.slim_student(full), tmp_path / "slim.pt")
+    slim = torch.load(tmp_path / "slim.pt", weights_only=True)
+    assert slim["decoder_only"] and "optimizer" not in slim and all(k.startswith("g_s.") for k in slim["student"])
+    loaded = fd.make_student(teacher)
+    fd.load_student(loaded, tmp_path / "slim.pt")
+    y = torch.randn(1, 12, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.g_s(y), student.g_s(y), rtol=2e-3, atol=2e-3)  # fp16 where exact enough
+    lic_common.save_checkpoint({"kind": "student", "student": {"g_s.0.weight": torch.zeros(1)}, "decoder_only": True}, tmp_path / "bad.pt")
+    with pytest.raises(lic_common.CheckpointError, match="does not fit"):
+        fd.load_student(fd.make_student(teacher), tmp_path / "bad.pt")
