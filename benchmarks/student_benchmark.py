@@ -26,14 +26,18 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import evaluate_bk_sdm_compression as ev  # noqa: E402
 import finetune_after_distill as fd  # noqa: E402
 import lic_common  # noqa: E402
 import train_bk_sdm_compression as tr  # noqa: E402
+from rd_benchmark import evaluate_cached  # noqa: E402
 
 STAGES = ("initialised", "distilled", "finetuned")
 
@@ -71,6 +75,9 @@ def parse_args(argv):
     p.add_argument("--max_images", type=int, default=0, help="evaluate on the first N Kodak images (0: all)")
     p.add_argument("--picture_image", default="kodim13.png", help="Kodak image of the enlarged crop (the first image if absent)")
     p.add_argument("--picture_box", type=int, nargs=3, default=(256, 320, 64), metavar=("TOP", "LEFT", "SIZE"), help="the crop in that image")
+    p.add_argument("--published", default=str(ROOT.parent / "shared" / "data" / "published" / "compressai-bmshj2018-factorized_mse_cuda.json"),
+                   help="CompressAI's published bmshj2018-factorized results (its quality 8 point is the operating point)")  # fmt: skip
+    p.add_argument("--jpeg_qualities", type=int, nargs="+", default=[75, 85, 90, 95], help="JPEG / WebP qualities around the teacher's rate")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return p.parse_args(argv)
 
@@ -109,6 +116,27 @@ def ship(args, teacher_ckpt: str, student_ckpt: Path) -> tuple[str, Path]:
     student_out = ship_dir / "student-decoder.pth"
     lic_common.save_checkpoint(fd.slim_student(lic_common.load_checkpoint(student_ckpt)), student_out)
     return teacher_out, student_out
+
+
+def operating_point(args, work: Path, teacher: dict) -> dict:
+    """The teacher's Kodak point beside JPEG and WebP at its rate (PSNR interpolated in log bpp
+    between the measured qualities) and CompressAI's published quality-8 point."""
+    files = lic_common.list_images(args.kodak)[: args.max_images or None]
+    codecs = [(ev.PillowCodec(name, q), None) for name in ("jpeg", "webp") for q in args.jpeg_qualities]
+    curves = ev.curves_from_results(evaluate_cached(codecs, files, work / "classical_eval_cache.json", torch.device("cpu")))
+    point = {"teacher": {"bpp": teacher["bpp"], "psnr": teacher["teacher_psnr"], "ms_ssim": teacher["teacher_ms_ssim"]}}
+    for name, c in curves.items():
+        r = c["results"]
+        order = sorted(range(len(r["bpp"])), key=lambda i: r["bpp"][i])
+        bpp, psnr = [r["bpp"][i] for i in order], [r["psnr-rgb"][i] for i in order]
+        inside = bpp[0] <= teacher["bpp"] <= bpp[-1]
+        at_rate = float(np.interp(np.log(teacher["bpp"]), np.log(bpp), psnr)) if inside else float("nan")
+        point[name] = {"psnr_at_teacher_bpp": at_rate, "qualities": args.jpeg_qualities, "bpp": bpp, "psnr": psnr}
+    published = Path(args.published)
+    if published.is_file():
+        r = json.loads(published.read_text())["results"]
+        point["published_quality8"] = {"bpp": r["bpp"][-1], "psnr": r["psnr-rgb"][-1]}
+    return point
 
 
 def plot_curves(work: Path, path: Path) -> dict:
@@ -198,6 +226,7 @@ def main(argv) -> dict:
     for name, ckpt in students.items():
         result["kodak"][name] = fd.main(["eval", "--data_path", args.kodak, *teacher, "--max_images", str(args.max_images), *ckpt])
         result["unseen"][name] = fd.main(["eval", "--data_path", str(unseen[0].parent), *teacher, *ckpt])
+    result["operating_point"] = operating_point(args, work, result["kodak"]["initialised"])
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     result["curves"] = plot_curves(work, out.parent / "student_curves.png")
@@ -208,6 +237,11 @@ def main(argv) -> dict:
             r = result[where][name]
             print(f"{name:<12}{where:<8}{r['psnr_gap_db']:>21.3f}{r['student_ms_ssim'] - r['teacher_ms_ssim']:>+15.4f}"
                   f"{r['student_checkerboard_db']:>14.2f} / {r['teacher_checkerboard_db']:.2f}")  # fmt: skip
+    op = result["operating_point"]
+    print(f"teacher on Kodak: {op['teacher']['bpp']:.3f} bpp, {op['teacher']['psnr']:.2f} dB; at that rate JPEG "
+          f"{op['jpeg']['psnr_at_teacher_bpp']:.2f} dB, WebP {op['webp']['psnr_at_teacher_bpp']:.2f} dB"
+          + (f"; published quality 8: {op['published_quality8']['bpp']:.3f} bpp, {op['published_quality8']['psnr']:.2f} dB"
+             if "published_quality8" in op else ""))  # fmt: skip
     lic_common.write_text_atomic(out, json.dumps(result, indent=2, default=str))
     return result
 
