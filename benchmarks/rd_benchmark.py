@@ -75,7 +75,7 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
     ``step_budgets.json`` with the sizes it was measured for; other sizes are timed again.
     """
     path = Path(args.results_dir) / "step_budgets.json"
-    setup = {k: getattr(args, k) for k in ("N", "M", "diffusion_steps", "unet_channels", "image_size", "batch_size", "budget_minutes", "amp")}
+    setup = {k: getattr(args, k) for k in ("N", "M", "diffusion_steps", "unet_channels", "latent_denoise", "image_size", "batch_size", "budget_minutes", "amp")}
     setup["curves"] = list(CURVES)
     if path.is_file():
         cached = json.loads(path.read_text())
