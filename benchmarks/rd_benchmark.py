@@ -35,6 +35,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -154,43 +155,49 @@ def claimed(out: Path):
     yield False
 
 
-def train_point(args: argparse.Namespace, curve: str, lam: float) -> dict | None:
-    """Train one rate point to its budget (resuming if it was interrupted); cached in done.json.
-
-    Returns None, without training, when another process is training it.
-    """
-    out = run_dir(args, curve, lam)
+def train_run(out: Path, label: str, make_argv: Callable[[], list[str]], ship: Callable[[], Path] | None = None) -> dict | None:
+    """Train the run in ``out`` with the training script's ``make_argv()`` (called only when this
+    process trains it), resuming where it was interrupted; cached in ``done.json`` with the command
+    and, with ``ship``, the checkpoint ``ship()`` exports. Returns None, without training, when
+    another process is training it (see ``claimed``)."""
     done = out / "done.json"
     if done.is_file():
         return json.loads(done.read_text())
     with claimed(out) as mine:
         if not mine:
-            print(f"== {curve}, lambda_rate {lam:g}: being trained by another process ({out / 'claim.json'}), skipped", flush=True)
+            print(f"== {label}: being trained by another process ({out / 'claim.json'}), skipped", flush=True)
             return None
         if done.is_file():  # finished by another process between the two checks
             return json.loads(done.read_text())
-        return _train(args, curve, lam, out)
+        argv = make_argv()
+        if (out / "last_checkpoint.pth").is_file():
+            argv += ["--resume", "last"]
+        print(f"== training {label}", flush=True)
+        result = tr.main(argv)
+        result["command"] = "python train_bk_sdm_compression.py " + " ".join(argv)
+        if ship is not None:
+            result["reference_checkpoint"] = str(ship())
+        lic_common.write_text_atomic(done, json.dumps(result, indent=2))
+        return result
 
 
-def _train(args: argparse.Namespace, curve: str, lam: float, out: Path) -> dict:
+def train_point(args: argparse.Namespace, curve: str, lam: float) -> dict | None:
+    """Train one rate point to its budget (see ``train_run``)."""
+    ship = (lambda: export_reference(args, lam)) if curve == "diffusion-hyperprior" else None
+    return train_run(run_dir(args, curve, lam), f"{curve}, lambda_rate {lam:g}", lambda: _train_argv(args, curve, lam), ship)
+
+
+def _train_argv(args: argparse.Namespace, curve: str, lam: float) -> list[str]:
     if args.budget_clock == "steps":
         budget = ["--max_steps", str(step_budgets(args)[curve])]
     else:
         budget = ["--time_budget", str(args.budget_minutes), "--budget_clock", args.budget_clock]
-    argv = ["--data_path", args.train_data, "--output_dir", str(out), "--N", str(args.N), "--M", str(args.M),
+    print(f"== {curve}, lambda_rate {lam:g}: budget {' '.join(budget)}", flush=True)
+    return ["--data_path", args.train_data, "--output_dir", str(run_dir(args, curve, lam)), "--N", str(args.N), "--M", str(args.M),
             "--lambda_rate", str(lam), "--image_size", str(args.image_size), "--batch_size", str(args.batch_size),
             "--lr", str(args.lr), "--warmup_steps", str(args.warmup_steps), "--epochs", "1000000",
             "--epoch_size", str(args.epoch_size), *budget, "--num_workers", "0", "--seed", str(args.seed),
             "--save_every", "0", "--no-progress", *curve_flags(curve, args)]  # fmt: skip
-    if (out / "last_checkpoint.pth").is_file():
-        argv += ["--resume", "last"]
-    print(f"== training {curve}, lambda_rate {lam:g}: budget {' '.join(budget)}", flush=True)
-    result = tr.main(argv)
-    result["command"] = "python train_bk_sdm_compression.py " + " ".join(argv)
-    if curve == "diffusion-hyperprior":
-        result["reference_checkpoint"] = str(export_reference(args, lam))
-    lic_common.write_text_atomic(out / "done.json", json.dumps(result, indent=2))
-    return result
 
 
 def reference_path(args: argparse.Namespace, lam: float) -> Path:

@@ -41,16 +41,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bk_sdm_compression as bk  # noqa: E402
 import evaluate_bk_sdm_compression as ev  # noqa: E402
 import lic_common  # noqa: E402
-import train_bk_sdm_compression as tr  # noqa: E402
-from rd_benchmark import claimed, evaluate_cached  # noqa: E402
+from rd_benchmark import evaluate_cached, export_reference, reference_path, run_dir, train_run  # noqa: E402
 
 CODEC = bk.ARCHITECTURE
 BASELINE = "mbt2018-mean"
 PUBLISHED = ("compressai-bmshj2018-hyperprior_mse_cuda.json", "compressai-mbt2018-mean_mse_cuda.json")
-
-
-def run_dir(args, curve: str, lam: float) -> Path:
-    return Path(args.runs_dir) / curve / f"lambda{lam:g}"
 
 
 def run_argv(args, curve: str, lam: float) -> list[str] | None:
@@ -82,36 +77,14 @@ def train_all(args) -> None:
     order = [(CODEC, args.base_lambda), (BASELINE, args.base_lambda)]
     order += [(CODEC, lam) for lam in args.lambdas if lam != args.base_lambda]
     for curve, lam in order:
-        out = run_dir(args, curve, lam)
-        if (out / "done.json").is_file():
+        if (run_dir(args, curve, lam) / "done.json").is_file():
             continue
         argv = run_argv(args, curve, lam)
         if argv is None:
             print(f"== {curve}, lambda_rate {lam:g}: waits for the base run", flush=True)
             continue
-        with claimed(out) as mine:
-            if not mine or (out / "done.json").is_file():
-                print(f"== {curve}, lambda_rate {lam:g}: being trained by another process, skipped", flush=True)
-                continue
-            if (out / "last_checkpoint.pth").is_file():
-                argv += ["--resume", "last"]
-            print(f"== training {curve}, lambda_rate {lam:g}", flush=True)
-            result = tr.main(argv)
-            result["command"] = "python train_bk_sdm_compression.py " + " ".join(argv)
-            if curve == CODEC:
-                result["reference_checkpoint"] = str(export_reference(args, lam))
-            lic_common.write_text_atomic(out / "done.json", json.dumps(result, indent=2))
-
-
-def reference_path(args, lam: float) -> Path:
-    return Path(args.reference_dir) / f"{CODEC}-lambda{lam:g}.pth"
-
-
-def export_reference(args, lam: float) -> Path:
-    path = reference_path(args, lam)
-    best = lic_common.load_checkpoint(run_dir(args, CODEC, lam) / "best_checkpoint.pth")
-    lic_common.save_checkpoint(bk.slim_checkpoint(best), path)
-    return path
+        ship = (lambda: export_reference(args, lam)) if curve == CODEC else None
+        train_run(run_dir(args, curve, lam), f"{curve}, lambda_rate {lam:g}", lambda: argv, ship)
 
 
 def finished(args, curve: str) -> list[float]:
