@@ -595,6 +595,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "eval" and not (args.data_path or args.coco_dir):
         parser.error("eval needs --data_path or --coco_dir")
+    if args.command in STAGES and not 0 < args.downscale_min <= args.downscale_max <= 1:
+        parser.error(f"need 0 < --downscale_min <= --downscale_max <= 1, got {args.downscale_min} and {args.downscale_max}")
     return args
 
 

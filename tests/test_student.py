@@ -169,6 +169,8 @@ def test_crops_on_the_fly_give_many_distinct_downscaled_crops(image_dir):
     assert len({tuple(c.flatten()[:16].tolist()) for c in batch}) == 10  # ten different crops of two images
     val = fd.Crops(files, 32, random_crop=False, downscale=(0.5, 1.0))
     assert len(val) == 2 and torch.equal(val[0], val[0])
+    with pytest.raises(SystemExit):
+        fd.parse_args(["distill", "--coco_dir", str(image_dir), "--downscale_min", "0.9", "--downscale_max", "0.5"])
 
 
 def test_slim_student_holds_the_decoder_alone_and_loads_like_the_full_one(teacher, tmp_path):
