@@ -68,7 +68,7 @@ def parse_args(argv):
     p.add_argument("--finetune_epochs", type=int, default=20, help="fine-tuning epochs")
     p.add_argument("--crops_per_epoch", type=int, default=400, help="student crops per epoch (random photographs, positions and downscales)")
     p.add_argument("--warmup_steps", type=int, default=30, help="student learning-rate warm-up steps")
-    p.add_argument("--crop_size", type=int, default=224, help="student training crops")
+    p.add_argument("--crop_size", type=int, default=128, help="student training crops (the teacher trains at 128 px too)")
     p.add_argument("--batch_size", type=int, default=8, help="student and teacher batch")
     p.add_argument("--lr", type=float, default=1e-4, help="student learning rate")
     p.add_argument("--downscale_min", type=float, default=0.5, help="crops come from photographs downscaled by a random factor in [this, 1]")
