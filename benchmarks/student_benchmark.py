@@ -74,6 +74,7 @@ def parse_args(argv):
     p.add_argument("--downscale_min", type=float, default=0.5, help="crops come from photographs downscaled by a random factor in [this, 1]")
     p.add_argument("--max_images", type=int, default=0, help="evaluate on the first N Kodak images (0: all)")
     p.add_argument("--picture_image", default="kodim13.png", help="Kodak image of the enlarged crop (the first image if absent)")
+    p.add_argument("--error_gain", type=float, default=0.0, help="gain of the picture's error maps (0: the teacher's 99th-percentile error at full scale)")
     p.add_argument("--picture_box", type=int, nargs=3, default=(256, 320, 64), metavar=("TOP", "LEFT", "SIZE"), help="the crop in that image")
     p.add_argument("--published", default=str(ROOT.parent / "shared" / "data" / "published" / "compressai-bmshj2018-factorized_mse_cuda.json"),
                    help="CompressAI's published bmshj2018-factorized results (its quality 8 point is the operating point)")  # fmt: skip
@@ -168,8 +169,10 @@ def plot_curves(work: Path, path: Path) -> dict:
 
 @torch.no_grad()
 def crop_picture(args, teacher_ckpt: str, student_ckpt: Path, path: Path) -> dict:
-    """Original / teacher / student / |teacher error| / |student error| (x8) of one crop, enlarged
-    4x without interpolation so single pixels and a checkerboard stay visible."""
+    """Original / teacher / student / |teacher error| / |student error| of one crop, enlarged 4x
+    without interpolation so single pixels and a checkerboard stay visible. Both error maps share
+    one gain: ``--error_gain``, or where that is 0, the one that maps the teacher's 99th-percentile
+    error to full scale."""
     files = lic_common.list_images(args.kodak)[: args.max_images or None]
     image = next((f for f in files if f.name == args.picture_image), files[0])
     teacher = fd.load_teacher(argparse.Namespace(teacher_checkpoint=teacher_ckpt, quality=8))
@@ -189,12 +192,14 @@ def crop_picture(args, teacher_ckpt: str, student_ckpt: Path, path: Path) -> dic
     def crop(t):
         return t[0, :, top : top + size, left : left + size]
 
-    panels = [crop(x), crop(t_hat), crop(s_hat), (crop(t_hat) - crop(x)).abs().mul(8).clamp(0, 1),
-              (crop(s_hat) - crop(x)).abs().mul(8).clamp(0, 1)]  # fmt: skip
+    t_err, s_err = (crop(t_hat) - crop(x)).abs(), (crop(s_hat) - crop(x)).abs()
+    gain = args.error_gain or 1.0 / max(torch.quantile(t_err.flatten(), 0.99).item(), 1e-6)
+    panels = [crop(x), crop(t_hat), crop(s_hat), t_err.mul(gain).clamp(0, 1), s_err.mul(gain).clamp(0, 1)]
     big = [torch.nn.functional.interpolate(p[None], scale_factor=4, mode="nearest")[0] for p in panels]
     row = torch.cat([torch.nn.functional.pad(p, (4, 4, 4, 4), value=1.0) for p in big], dim=-1)
     lic_common.save_image(row, path)
-    return {"image": image.name, "box": [top, left, size], "panels": ["original", "teacher", "student", "|teacher - original| x8", "|student - original| x8"]}
+    return {"image": image.name, "box": [top, left, size], "error_gain": gain,
+            "panels": ["original", "teacher", "student", f"|teacher - original| x{gain:.1f}", f"|student - original| x{gain:.1f}"]}
 
 
 def main(argv) -> dict:

@@ -180,7 +180,9 @@ def test_student_benchmark_trains_teacher_and_student_and_reports_every_stage(im
     assert result["kodak"]["initialised"]["student_psnr"] != result["kodak"]["distilled"]["student_psnr"]
     assert set(result["curves"]) == {"distill", "finetune"} and len(result["curves"]["distill"]) == 1
     assert (out.parent / "student_curves.png").is_file() and (out.parent / "student_crops.png").is_file()
-    assert json.loads(out.read_text())["picture"]["image"] == "kodim00.png"
+    picture = json.loads(out.read_text())["picture"]
+    assert picture["image"] == "kodim00.png" and picture["error_gain"] > 0  # automatic gain (--error_gain 0)
+    assert picture["panels"][3].endswith(f"x{picture['error_gain']:.1f}")
     op = result["operating_point"]
     assert op["teacher"]["bpp"] == result["kodak"]["initialised"]["bpp"] and len(op["jpeg"]["bpp"]) == 4
     assert op["published_quality8"]["bpp"] > 1.5  # CompressAI's quality 8
