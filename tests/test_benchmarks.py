@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import torch
+from PIL import Image
 
 from conftest import ROOT, write_image
 
@@ -183,6 +185,10 @@ def test_student_benchmark_trains_teacher_and_student_and_reports_every_stage(im
     picture = json.loads(out.read_text())["picture"]
     assert picture["image"] == "kodim00.png" and picture["error_gain"] > 0  # automatic gain (--error_gain 0)
     assert picture["panels"][3].endswith(f"x{picture['error_gain']:.1f}")
+    # the automatic gain puts the teacher's 99th-percentile error at full scale: about 1% of its error panel saturates
+    size = 4 * picture["box"][2]
+    panel = np.asarray(Image.open(out.parent / "student_crops.png"))[4 : 4 + size, 3 * (size + 8) + 4 : 3 * (size + 8) + 4 + size]
+    assert 0.002 < (panel == 255).mean() < 0.03
     op = result["operating_point"]
     assert op["teacher"]["bpp"] == result["kodak"]["initialised"]["bpp"] and len(op["jpeg"]["bpp"]) == 4
     assert op["published_quality8"]["bpp"] > 1.5  # CompressAI's quality 8
