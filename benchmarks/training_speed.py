@@ -5,7 +5,10 @@ run (same machine state): fp32, bfloat16 autocast (``--amp``), and bfloat16 with
 memory format (``--channels_last``). Each figure is the median step of ``--steps`` after one
 warm-up step, on a random batch of ``--batch_size`` crops of ``--crop`` px. Beside it, what the
 data pipeline delivers on one process (``--num_workers 0``: decoded images cached, a random
-downscale, crop and flip per item), so a reader can see whether loading can stall a step.
+downscale, crop and flip per item), so a reader can see whether loading can stall a step. And the
+student decoder's distillation step (``finetune_after_distill.py``: the teacher's reconstruction
+as target, the student's ``g_s`` trained under bfloat16), its ``UpsampleConv`` layers computed
+literally (upsample, then the 5x5 convolution) and in the phase form they use, interleaved.
 
     python benchmarks/training_speed.py --threads 2
 """
@@ -18,17 +21,23 @@ import json
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bk_sdm_compression as bk  # noqa: E402
-import lic_common  # noqa: E402
+import finetune_after_distill as fd  # noqa: E402
+import lic_common  # noqa: E402  (before CompressAI: it imports it without a FutureWarning)
+from compressai.models import FactorizedPrior  # noqa: E402
 import train_bk_sdm_compression as tr  # noqa: E402
 
+PARTS = ("codec", "data", "student")
 VARIANTS = {"fp32": {"amp": False}, "bf16": {"amp": True}, "bf16 + channels_last": {"amp": True, "channels_last": True}}
 
 
@@ -44,6 +53,10 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     p.add_argument("--train_data", default=str(ROOT.parent / "shared" / "data" / "train"), help="images for the data-pipeline figure")
     p.add_argument("--downscale_min", type=float, default=0.5, help="the data pipeline's random downscale range")
+    p.add_argument("--student_N", type=int, default=128, help="channels of the student's teacher (bmshj2018-factorized)")
+    p.add_argument("--student_M", type=int, default=320, help="latent channels of the student's teacher")
+    p.add_argument("--student_batch_size", type=int, default=8, help="crops per student step (--crop px)")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="what to time")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "training_speed.json"), help="where the figures go")
     return p.parse_args(argv)
 
@@ -85,19 +98,54 @@ def data_throughput(args) -> float:
     return n / (time.perf_counter() - start)
 
 
+def student_throughput(args) -> dict[str, float]:
+    """Images / s of the student's distillation step, literal and phase form (same weights)."""
+    torch.manual_seed(0)
+    teacher = FactorizedPrior(args.student_N, args.student_M).eval()
+    phase = fd.make_student(teacher)
+    literal = copy.deepcopy(phase)
+    for module in literal.g_s:
+        if isinstance(module, fd.UpsampleConv):
+            module.forward = types.MethodType(nn.Sequential.forward, module)
+    x = torch.rand(args.student_batch_size, 3, args.crop, args.crop)
+    state = {}
+    for name, student in {"upsample then conv": literal, "phase form": phase}.items():
+        fd.set_trainable(student.train(), "distill")
+        state[name] = (student, torch.optim.Adam([q for q in student.parameters() if q.requires_grad], 1e-4), [])
+    for _ in range(args.steps + 1):
+        for student, opt, times in state.values():
+            start = time.perf_counter()
+            target = fd.reconstruct(teacher, x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                x_hat = fd.reconstruct(student, x)
+            loss = F.l1_loss(x_hat.float(), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - start)
+    return {name: args.student_batch_size / statistics.median(times[1:]) for name, (_, _, times) in state.items()}
+
+
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    steps = step_throughput(args)
-    loading = data_throughput(args)
-    print(f"training images / s ({args.batch_size} x {args.crop} px, N={args.N}, M={args.M}, {args.threads} threads):")
-    print(f"{'model':<22}" + "".join(f"{v:>22}" for v in VARIANTS) + f"{'speed-up':>10}")
-    for name, row in steps.items():
-        print(f"{name:<22}" + "".join(f"{row[v]:>22.2f}" for v in VARIANTS) + f"{row['bf16 + channels_last'] / row['fp32']:>9.2f}x")
-    print(f"data pipeline, one process: {loading:.0f} crops / s")
-    result = {"device": "cpu", "threads": args.threads, "batch_size": args.batch_size, "crop": args.crop, "N": args.N, "M": args.M,
-              "images_per_second": steps, "data_crops_per_second": loading,
-              "command": "python benchmarks/training_speed.py " + " ".join(argv)}  # fmt: skip
+    result = {"device": "cpu", "threads": args.threads, "batch_size": args.batch_size, "crop": args.crop, "N": args.N, "M": args.M}
+    if "codec" in args.parts:
+        steps = result["images_per_second"] = step_throughput(args)
+        print(f"training images / s ({args.batch_size} x {args.crop} px, N={args.N}, M={args.M}, {args.threads} threads):")
+        print(f"{'model':<22}" + "".join(f"{v:>22}" for v in VARIANTS) + f"{'speed-up':>10}")
+        for name, row in steps.items():
+            print(f"{name:<22}" + "".join(f"{row[v]:>22.2f}" for v in VARIANTS) + f"{row['bf16 + channels_last'] / row['fp32']:>9.2f}x")
+    if "data" in args.parts:
+        result["data_crops_per_second"] = data_throughput(args)
+        print(f"data pipeline, one process: {result['data_crops_per_second']:.0f} crops / s")
+    if "student" in args.parts:
+        result.update(student_N=args.student_N, student_M=args.student_M, student_batch_size=args.student_batch_size)
+        student = result["student_images_per_second"] = student_throughput(args)
+        literal, phase = student["upsample then conv"], student["phase form"]
+        print(f"student distillation step ({args.student_batch_size} x {args.crop} px, N={args.student_N}, M={args.student_M}, bfloat16): "
+              f"upsample then conv {literal:.2f} img/s, phase form {phase:.2f} img/s ({phase / literal:.2f}x)")  # fmt: skip
+    result["command"] = "python benchmarks/training_speed.py " + " ".join(argv)
     lic_common.write_text_atomic(args.output, json.dumps(result, indent=2))
     return result
 

@@ -128,11 +128,17 @@ def test_training_speed_reports_every_variant(image_dir, tmp_path):
 
     out = tmp_path / "speed.json"
     result = training_speed.main(["--N", "8", "--M", "8", "--unet_channels", "8", "--crop", "64", "--batch_size", "2",
-                                  "--steps", "1", "--threads", "1", "--train_data", str(image_dir), "--output", str(out)])  # fmt: skip
+                                  "--steps", "1", "--threads", "1", "--train_data", str(image_dir), "--output", str(out),
+                                  "--student_N", "8", "--student_M", "12", "--student_batch_size", "2"])  # fmt: skip
     assert set(result["images_per_second"]) == {"diffusion-hyperprior", "mbt2018-mean"}
     for row in result["images_per_second"].values():
         assert set(row) == set(training_speed.VARIANTS) and all(v > 0 for v in row.values())
     assert result["data_crops_per_second"] > 0 and json.loads(out.read_text()) == result
+    assert set(result["student_images_per_second"]) == {"upsample then conv", "phase form"}
+    assert all(v > 0 for v in result["student_images_per_second"].values())
+    only = training_speed.main(["--parts", "student", "--crop", "32", "--steps", "1", "--threads", "1", "--output", str(out),
+                                "--student_N", "8", "--student_M", "12", "--student_batch_size", "1"])  # fmt: skip
+    assert "images_per_second" not in only and "data_crops_per_second" not in only and "student_images_per_second" in only
 
 
 def test_reference_benchmark_trains_fine_tunes_ships_and_reports(image_dir, tmp_path):

@@ -57,6 +57,21 @@ def test_initialisation_is_the_least_squares_match():
         assert (t(x) - new(x)).pow(2).sum() >= base * 0.999
 
 
+def test_phase_form_is_upsample_then_conv():
+    """UpsampleConv computes at the input's resolution; it must equal, value and gradient, the
+    Upsample + Conv2d its parameters describe (odd sizes: the borders' zero padding)."""
+    torch.manual_seed(0)
+    layer = fd.UpsampleConv(6, 5)
+    x = torch.randn(2, 6, 9, 7, requires_grad=True)
+    reference = nn.Sequential.forward(layer, x)  # the literal Upsample, then Conv2d
+    out = layer(x)
+    assert out.shape == reference.shape == (2, 5, 18, 14)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    params = [x, layer[1].weight, layer[1].bias]
+    for a, b in zip(torch.autograd.grad(reference.pow(2).sum(), params), torch.autograd.grad(out.pow(2).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "stage,flags,expected",
     [
