@@ -462,8 +462,12 @@ def write_outputs(results: list[ImageResult], args: argparse.Namespace) -> dict:
                "roundtrip_mismatches": sum(r.roundtrip_matches_forward is False for r in results)}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_rd(curves, out / "rd_plot.png", published, title=f"{Path(args.data_path).name} ({len(summary['images'])} images)")
+    def pct(v: float) -> str:
+        return "    n/a" if math.isnan(v) else f"{v:+7.2f}%"
+
     for label, bd in summary["bd_rates"].items():
-        print(f"BD-rate vs {anchor}: {label:>24}  PSNR {bd['bd_rate_psnr']:+7.2f}%   MS-SSIM {bd['bd_rate_ms_ssim']:+7.2f}%")
+        if label != anchor:  # n/a: a single point, or no overlap with the anchor's range
+            print(f"BD-rate vs {anchor}: {label:>24}  PSNR {pct(bd['bd_rate_psnr'])}   MS-SSIM {pct(bd['bd_rate_ms_ssim'])}")
     return summary
 
 

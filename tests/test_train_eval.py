@@ -207,7 +207,7 @@ def test_torchrun_two_cpu_processes_only_rank0_writes(image_dir, tmp_path):
 # ---- evaluation ----
 
 
-def test_evaluation_json_csv_real_bytes_and_roundtrip(image_dir, tmp_path):
+def test_evaluation_json_csv_real_bytes_and_roundtrip(image_dir, tmp_path, capsys):
     run_train(image_dir, tmp_path / "run", "--epochs", "1")
     ckpt = tmp_path / "run" / "best_checkpoint.pth"
     data = tmp_path / "eval_images"
@@ -233,6 +233,9 @@ def test_evaluation_json_csv_real_bytes_and_roundtrip(image_dir, tmp_path):
     assert (out / "rd_plot.png").stat().st_size > 1000
     assert (out / "samples" / "diffusion-hyperprior" / "run_best_checkpoint" / "a_error.png").is_file()
     assert set(summary["bd_rates"]) == {"diffusion-hyperprior", "jpeg"}
+    # printed against the anchor (the first curve), not against itself; a single point is n/a, not nan
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("BD-rate vs")]
+    assert len(printed) == 1 and "jpeg" in printed[0] and "n/a" in printed[0] and "nan" not in printed[0]
 
 
 def test_table_code_bits_is_what_the_range_coder_writes():
