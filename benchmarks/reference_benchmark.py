@@ -92,10 +92,32 @@ def finished(args, curve: str) -> list[float]:
     return [lam for lam in lams if (run_dir(args, curve, lam) / "done.json").is_file()]
 
 
+def ship_curve(args) -> dict[float, Path]:
+    """Make ``--reference_dir`` hold exactly the shipped curve: a slim copy of each finished codec
+    run's best checkpoint (written only where the file there differs, so its evaluation cache
+    stays valid), and no other codec checkpoint (an older curve's files are removed)."""
+    shipped = {}
+    for lam in finished(args, CODEC):
+        path = reference_path(args, lam)
+        best = lic_common.load_checkpoint(run_dir(args, CODEC, lam) / "best_checkpoint.pth")
+        slim = bk.slim_checkpoint(best)
+        old = lic_common.load_checkpoint(path) if path.is_file() else None
+        same = old is not None and old.get("config") == slim["config"] and old["state_dict"].keys() == slim["state_dict"].keys() and all(
+            torch.equal(old["state_dict"][k], v) for k, v in slim["state_dict"].items())  # fmt: skip
+        if not same:
+            lic_common.save_checkpoint(slim, path)
+            print(f"shipped {path} (from {run_dir(args, CODEC, lam)})")
+        shipped[lam] = path
+    for stale in sorted(set(Path(args.reference_dir).glob(f"{CODEC}-lambda*.pth")) - set(shipped.values())):
+        stale.unlink()
+        print(f"removed {stale}: not a finished run of this curve")
+    return shipped
+
+
 def measure(args, device) -> dict[str, list[ev.ImageResult]]:
-    """{"kodak": ..., "unseen": ...}: results of every finished run and of the Pillow codecs."""
-    shipped = [(ev.LearnedCodec(CODEC, f"lambda{lam:g}", bk.load_codec(reference_path(args, lam))[0], device), reference_path(args, lam))
-               for lam in finished(args, CODEC)]  # fmt: skip
+    """{"kodak": ..., "unseen": ...}: results of every finished run (the shipped files) and of the
+    Pillow codecs."""
+    shipped = [(ev.LearnedCodec(CODEC, f"lambda{lam:g}", bk.load_codec(path)[0], device), path) for lam, path in ship_curve(args).items()]
     baseline = []
     for lam in finished(args, BASELINE):
         ckpt = run_dir(args, BASELINE, lam) / "best_checkpoint.pth"

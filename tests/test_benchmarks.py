@@ -162,6 +162,16 @@ def test_reference_benchmark_trains_fine_tunes_ships_and_reports(image_dir, tmp_
     assert set(summary["kodak"]["bd_rate"]) == {"jpeg", "webp"} and set(summary["unseen"]["bd_rate"]) == {"jpeg", "webp"}
     assert len(summary["unseen"]["images"]) == 5 and len(summary["published"]) == 2
     assert (tmp_path / "results" / "reference_plot.png").is_file() and "vs jpeg" in (tmp_path / "results" / "reference.md").read_text()
+    # measuring again ships into another folder: exactly the finished runs, an older curve's file removed,
+    # an identical file left alone (its evaluation cache stays valid)
+    other = tmp_path / "ship"
+    other.mkdir()
+    (other / "diffusion-hyperprior-lambda0.0023.pth").write_bytes(b"an older curve")
+    reference_benchmark.main(argv + ["--no-training", "--reference_dir", str(other)])
+    assert sorted(p.name for p in other.iterdir()) == ["diffusion-hyperprior-lambda0.001.pth", "diffusion-hyperprior-lambda0.01.pth"]
+    before = {p.name: p.stat().st_mtime_ns for p in other.iterdir()}
+    reference_benchmark.main(argv + ["--no-training", "--reference_dir", str(other)])
+    assert {p.name: p.stat().st_mtime_ns for p in other.iterdir()} == before
 
 
 def test_student_benchmark_trains_teacher_and_student_and_reports_every_stage(image_dir, tmp_path):
