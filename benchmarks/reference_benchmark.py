@@ -18,7 +18,8 @@ Ships a slim copy (``bk.slim_checkpoint``) of each codec run's best checkpoint i
 - on photographs the project never trained or tuned on (scikit-image's): the shipped curve, JPEG
   and WebP;
 and BD-rates (PSNR and MS-SSIM) of the shipped curve against JPEG and WebP on both. Writes
-``reference.json``, ``reference.md`` and ``reference_plot.png`` into ``--results_dir``.
+``reference.json``, ``reference.md``, ``reference_plot.png`` and ``reference_val_curves.png`` (per-step
+validation of the base run and the baseline) into ``--results_dir``.
 
     python benchmarks/reference_benchmark.py --runs_dir ~/lic-runs/reference --threads 1 &
     python benchmarks/reference_benchmark.py --runs_dir ~/lic-runs/reference --threads 1 &
@@ -41,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bk_sdm_compression as bk  # noqa: E402
 import evaluate_bk_sdm_compression as ev  # noqa: E402
 import lic_common  # noqa: E402
-from rd_benchmark import evaluate_cached, export_reference, reference_path, run_dir, train_run  # noqa: E402
+from rd_benchmark import evaluate_cached, export_reference, plot_validation_logs, reference_path, run_dir, train_run  # noqa: E402
 
 CODEC = bk.ARCHITECTURE
 BASELINE = "mbt2018-mean"
@@ -153,6 +154,10 @@ def report(results: dict[str, list[ev.ImageResult]], args) -> dict:
                  for curve in (CODEC, BASELINE) for lam in finished(args, curve)},  # fmt: skip
         "published": [p["name"] for p in published],
     }
+    logs = {curve: run_dir(args, curve, args.base_lambda) / "training.log" for curve in (CODEC, BASELINE)}
+    logs = {curve: log for curve, log in logs.items() if log.is_file()}
+    title = f"lambda_rate {args.base_lambda:g}: per-step validation, the base run and the baseline (same recipe)"
+    summary["validation"] = plot_validation_logs(logs, out / "reference_val_curves.png", title)
     n = summary["kodak"]["images"]
     ev.plot_rd(kodak, out / "reference_plot.png", published=published, title=f"Kodak ({n} images): the shipped reference checkpoints")
     lic_common.write_text_atomic(out / "reference.json", json.dumps(summary, indent=2))

@@ -162,6 +162,7 @@ def test_reference_benchmark_trains_fine_tunes_ships_and_reports(image_dir, tmp_
     assert set(summary["kodak"]["bd_rate"]) == {"jpeg", "webp"} and set(summary["unseen"]["bd_rate"]) == {"jpeg", "webp"}
     assert len(summary["unseen"]["images"]) == 5 and len(summary["published"]) == 2
     assert (tmp_path / "results" / "reference_plot.png").is_file() and "vs jpeg" in (tmp_path / "results" / "reference.md").read_text()
+    assert set(summary["validation"]) == {"diffusion-hyperprior", "mbt2018-mean"} and (tmp_path / "results" / "reference_val_curves.png").is_file()
     # measuring again ships into another folder: exactly the finished runs, an older curve's file removed,
     # an identical file left alone (its evaluation cache stays valid)
     other = tmp_path / "ship"
