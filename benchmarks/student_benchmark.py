@@ -70,7 +70,8 @@ def parse_args(argv):
     p.add_argument("--warmup_steps", type=int, default=30, help="student learning-rate warm-up steps")
     p.add_argument("--crop_size", type=int, default=128, help="student training crops (the teacher trains at 128 px too)")
     p.add_argument("--batch_size", type=int, default=8, help="student and teacher batch")
-    p.add_argument("--lr", type=float, default=1e-4, help="student learning rate")
+    p.add_argument("--lr", type=float, default=1e-4, help="student learning rate (distillation; fine-tuning too unless --finetune_lr)")
+    p.add_argument("--finetune_lr", type=float, default=None, help="student learning rate of the fine-tuning stage (default: --lr)")
     p.add_argument("--downscale_min", type=float, default=0.5, help="crops come from photographs downscaled by a random factor in [this, 1]")
     p.add_argument("--max_images", type=int, default=0, help="evaluate on the first N Kodak images (0: all)")
     p.add_argument("--picture_image", default="kodim13.png", help="Kodak image of the enlarged crop (the first image if absent)")
@@ -211,14 +212,16 @@ def main(argv) -> dict:
     teacher = ["--teacher_checkpoint", str(Path(teacher_ckpt).resolve())]
     stage = ["--coco_dir", args.train_data, "--use_prepared", "false", "--val_ratio", "0.1", "--crop_size", str(args.crop_size),
              "--crops_per_epoch", str(args.crops_per_epoch), "--downscale_min", str(args.downscale_min),
-             "--batch_size", str(args.batch_size), "--lr", str(args.lr), "--warmup_steps", str(args.warmup_steps),
+             "--batch_size", str(args.batch_size), "--warmup_steps", str(args.warmup_steps),
              "--recon_every", "10", "--num_workers", "0", "--no-progress", "--recon_count", "4", *teacher]  # fmt: skip
     cwd = os.getcwd()
     os.chdir(work)  # the recipe's default save dirs (./checkpoints, ./checkpoints_ft) land in the work dir
     try:
-        for name, epochs, last in (("distill", args.distill_epochs, "checkpoints/last.pt"), ("finetune", args.finetune_epochs, "checkpoints_ft/ft_last.pt")):
+        finetune_lr = args.lr if args.finetune_lr is None else args.finetune_lr
+        for name, epochs, lr, last in (("distill", args.distill_epochs, args.lr, "checkpoints/last.pt"),
+                                       ("finetune", args.finetune_epochs, finetune_lr, "checkpoints_ft/ft_last.pt")):  # fmt: skip
             resume = ["--resume"] if (work / last).is_file() else []
-            cached(work / f"{name}_done.json", lambda: fd.main([name, *stage, "--epochs", str(epochs), *resume]))
+            cached(work / f"{name}_done.json", lambda: fd.main([name, *stage, "--lr", str(lr), "--epochs", str(epochs), *resume]))
     finally:
         os.chdir(cwd)
     shipped_teacher, shipped_student = ship(args, teacher_ckpt, work / "checkpoints_ft" / "ft_best.pt")

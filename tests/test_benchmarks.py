@@ -185,8 +185,11 @@ def test_student_benchmark_trains_teacher_and_student_and_reports_every_stage(im
     argv = ["--train_data", str(image_dir), "--kodak", str(kodak), "--work_dir", str(tmp_path / "work"), "--output", str(out),
             "--N", "8", "--M", "8", "--teacher_steps", "2", "--teacher_crop", "64", "--distill_epochs", "1", "--finetune_epochs", "1",
             "--crops_per_epoch", "4", "--crop_size", "32", "--batch_size", "2", "--warmup_steps", "1", "--threads", "1",
-            "--ship_dir", str(tmp_path / "ship")]  # fmt: skip
+            "--ship_dir", str(tmp_path / "ship"), "--finetune_lr", "3e-5"]  # fmt: skip
     result = student_benchmark.main(argv)
+    # each stage trained at its own learning rate
+    assert json.loads((tmp_path / "work" / "checkpoints" / "distill_config.json").read_text())["lr"] == 1e-4
+    assert json.loads((tmp_path / "work" / "checkpoints_ft" / "finetune_config.json").read_text())["lr"] == 3e-5
     assert sorted(p.name for p in (tmp_path / "ship").iterdir()) == ["bmshj2018-factorized-teacher.pth", "student-decoder.pth"]
     shipped = torch.load(tmp_path / "ship" / "student-decoder.pth", weights_only=True)
     assert shipped["decoder_only"] and all(k.startswith("g_s.") for k in shipped["student"])
