@@ -11,6 +11,9 @@ runs are cached, and several copies of the command share the runs through claims
   family of rate points for a fraction of the cost of training each from scratch;
 - CompressAI's ``mbt2018-mean`` of the same N / M at ``--base_lambda``, with the base recipe and
   step count: the long-budget baseline.
+Stage 2, where a CUDA GPU is at hand: ``benchmarks/reference_gpu_stage.sh`` trains every rate
+point and the baseline from stage 1's checkpoints, all at once on the GPU; with ``--stage2_dir``
+(its output folder) the shipped curve and the baseline are taken from there instead.
 Ships a slim copy (``bk.slim_checkpoint``) of each codec run's best checkpoint into
 ``--reference_dir`` (the files the demo and every script load), then measures, with real files:
 - on Kodak: the shipped curve, mbt2018-mean, JPEG, WebP and AVIF, with CompressAI's published
@@ -88,9 +91,15 @@ def train_all(args) -> None:
         train_run(run_dir(args, curve, lam), f"{curve}, lambda_rate {lam:g}", lambda: argv, ship)
 
 
+def source_dir(args, curve: str, lam: float) -> Path:
+    """The run whose checkpoint is measured (and shipped): stage 2's where ``--stage2_dir`` is
+    given, else stage 1's."""
+    return run_dir(argparse.Namespace(runs_dir=args.stage2_dir), curve, lam) if args.stage2_dir else run_dir(args, curve, lam)
+
+
 def finished(args, curve: str) -> list[float]:
     lams = [args.base_lambda] if curve == BASELINE else args.lambdas
-    return [lam for lam in lams if (run_dir(args, curve, lam) / "done.json").is_file()]
+    return [lam for lam in lams if (source_dir(args, curve, lam) / "done.json").is_file()]
 
 
 def ship_curve(args) -> dict[float, Path]:
@@ -100,14 +109,14 @@ def ship_curve(args) -> dict[float, Path]:
     shipped = {}
     for lam in finished(args, CODEC):
         path = reference_path(args, lam)
-        best = lic_common.load_checkpoint(run_dir(args, CODEC, lam) / "best_checkpoint.pth")
+        best = lic_common.load_checkpoint(source_dir(args, CODEC, lam) / "best_checkpoint.pth")
         slim = bk.slim_checkpoint(best)
         old = lic_common.load_checkpoint(path) if path.is_file() else None
         same = old is not None and old.get("config") == slim["config"] and old["state_dict"].keys() == slim["state_dict"].keys() and all(
             torch.equal(old["state_dict"][k], v) for k, v in slim["state_dict"].items())  # fmt: skip
         if not same:
             lic_common.save_checkpoint(slim, path)
-            print(f"shipped {path} (from {run_dir(args, CODEC, lam)})")
+            print(f"shipped {path} (from {source_dir(args, CODEC, lam)})")
         shipped[lam] = path
     for stale in sorted(set(Path(args.reference_dir).glob(f"{CODEC}-lambda*.pth")) - set(shipped.values())):
         stale.unlink()
@@ -121,7 +130,7 @@ def measure(args, device) -> dict[str, list[ev.ImageResult]]:
     shipped = [(ev.LearnedCodec(CODEC, f"lambda{lam:g}", bk.load_codec(path)[0], device), path) for lam, path in ship_curve(args).items()]
     baseline = []
     for lam in finished(args, BASELINE):
-        ckpt = run_dir(args, BASELINE, lam) / "best_checkpoint.pth"
+        ckpt = source_dir(args, BASELINE, lam) / "best_checkpoint.pth"
         model = ev.load_learned(str(ckpt), argparse.Namespace(bk_sdm_path=None, diffusion_steps=None))
         baseline.append((ev.LearnedCodec(f"{BASELINE} (same recipe)", f"lambda{lam:g}", model, device), ckpt))
     pillow = {name: [(ev.PillowCodec(name, q), None) for q in ev.DEFAULT_QUALITIES[name]] for name in ("jpeg", "webp", "avif")}
@@ -150,13 +159,14 @@ def report(results: dict[str, list[ev.ImageResult]], args) -> dict:
     summary = {
         "kodak": {"images": len({r.image for r in results["kodak"]}), "curves": kodak, "bd_rate": bd_against(kodak)},
         "unseen": {"images": sorted({r.image for r in results["unseen"]}), "curves": unseen, "bd_rate": bd_against(unseen)},
-        "runs": {f"{curve}/lambda{lam:g}": json.loads((run_dir(args, curve, lam) / "done.json").read_text())
+        "runs": {f"{curve}/lambda{lam:g}": json.loads((source_dir(args, curve, lam) / "done.json").read_text())
                  for curve in (CODEC, BASELINE) for lam in finished(args, curve)},  # fmt: skip
         "published": [p["name"] for p in published],
     }
-    logs = {curve: run_dir(args, curve, args.base_lambda) / "training.log" for curve in (CODEC, BASELINE)}
+    logs = {curve: source_dir(args, curve, args.base_lambda) / "training.log" for curve in (CODEC, BASELINE)}
     logs = {curve: log for curve, log in logs.items() if log.is_file()}
-    title = f"lambda_rate {args.base_lambda:g}: per-step validation, the base run and the baseline (same recipe)"
+    stage = "stage 2" if args.stage2_dir else "the base run and the baseline"
+    title = f"lambda_rate {args.base_lambda:g}: per-step validation, {stage} (same recipe)"
     summary["validation"] = plot_validation_logs(logs, out / "reference_val_curves.png", title)
     n = summary["kodak"]["images"]
     ev.plot_rd(kodak, out / "reference_plot.png", published=published, title=f"Kodak ({n} images): the shipped reference checkpoints")
@@ -195,6 +205,7 @@ def parse_args(argv):
     p.add_argument("--kodak", default=str(ROOT.parent / "shared" / "data" / "kodak"), help="evaluation images")
     p.add_argument("--published", default=str(ROOT.parent / "shared" / "data" / "published"), help="CompressAI's published results JSON, for scale")
     p.add_argument("--runs_dir", default=str(ROOT / "benchmarks" / "runs" / "reference"), help="training runs (resumable; keep them outside the work tree)")
+    p.add_argument("--stage2_dir", default=None, help="output folder of benchmarks/reference_gpu_stage.sh: measure and ship its finished runs instead of stage 1's")
     p.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"), help="figures and the evaluation caches")
     p.add_argument("--reference_dir", default=str(ROOT / "reference_checkpoints"), help="where the shipped checkpoints go")
     p.add_argument("--lambdas", type=float, nargs="+", default=[4.4e-3, 2.3e-3, 1.2e-3, 6.2e-4, 3.2e-4], help="rate points (CompressAI qualities 2..6)")

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import lic_common
 from conftest import ROOT, write_image
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -173,6 +174,40 @@ def test_reference_benchmark_trains_fine_tunes_ships_and_reports(image_dir, tmp_
     before = {p.name: p.stat().st_mtime_ns for p in other.iterdir()}
     reference_benchmark.main(argv + ["--no-training", "--reference_dir", str(other)])
     assert {p.name: p.stat().st_mtime_ns for p in other.iterdir()} == before
+
+
+def test_gpu_stage_trains_every_rate_point_in_rounds_and_the_benchmark_ships_them(image_dir, tmp_path):
+    """benchmarks/reference_gpu_stage.sh (here on the CPU): round 1 starts every run from stage 1's
+    checkpoints, round 2 from round 1's run of the same rate point; --stage2_dir ships round 2."""
+    import reference_benchmark
+
+    kodak = tmp_path / "kodak"
+    write_image(kodak / "kodim01.png", (64, 96), seed=30)
+    argv = ["--train_data", str(image_dir), "--kodak", str(kodak), "--runs_dir", str(tmp_path / "runs"),
+            "--results_dir", str(tmp_path / "results"), "--reference_dir", str(tmp_path / "ref"),
+            "--lambdas", "1e-2", "1e-3", "--base_lambda", "1e-3", "--N", "8", "--M", "8", "--unet_channels", "8",
+            "--base_steps", "2", "--finetune_steps", "1", "--crop_schedule", "64", "--finetune_crop_schedule", "64",
+            "--image_size", "64", "--batch_size", "2", "--epoch_size", "4", "--warmup_steps", "1", "--threads", "1",
+            "--no-evaluate"]  # fmt: skip
+    reference_benchmark.main(argv)
+    stage1 = {c: tmp_path / "runs" / c / "lambda0.001" / "best_checkpoint.pth" for c in ("diffusion-hyperprior", "mbt2018-mean")}
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "CROP": "64", "DOWNSCALE_MIN": "1", "BASE_LAMBDA": "1e-3", "BATCH_SIZE": "2", "EPOCH_SIZE": "2", "WORKERS": "0"}
+    script = str(ROOT / "benchmarks" / "reference_gpu_stage.sh")
+    r1, r2 = tmp_path / "r1", tmp_path / "r2"
+    for init, out in ((stage1, r1), ({c: r1 for c in stage1}, r2)):
+        proc = subprocess.run(["bash", script, str(init["diffusion-hyperprior"]), str(init["mbt2018-mean"]), str(image_dir), str(out), "2",
+                               "1e-2", "1e-3"], env=env, capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr + "".join(p.read_text() for p in out.glob("*.log"))
+    for curve, lam in (("diffusion-hyperprior", "0.01"), ("diffusion-hyperprior", "0.001"), ("mbt2018-mean", "0.001")):
+        done = json.loads((r2 / curve / f"lambda{lam}" / "done.json").read_text())
+        assert done["init_from"] == str(r1 / curve / f"lambda{lam}" / "best_checkpoint.pth") and done["steps"] == 2
+    assert json.loads((r1 / "mbt2018-mean" / "lambda0.001" / "done.json").read_text())["init_from"] == str(stage1["mbt2018-mean"])
+    summary = reference_benchmark.main([a for a in argv if a != "--no-evaluate"] + ["--no-training", "--stage2_dir", str(r2)])
+    shipped = lic_common.load_checkpoint(tmp_path / "ref" / "diffusion-hyperprior-lambda0.01.pth")["state_dict"]
+    round2 = lic_common.load_checkpoint(r2 / "diffusion-hyperprior" / "lambda0.01" / "best_checkpoint.pth")["state_dict"]
+    assert all(torch.equal(v, round2[k].half() if v.dtype == torch.float16 else round2[k]) for k, v in shipped.items())
+    assert set(summary["runs"]) == {"diffusion-hyperprior/lambda0.01", "diffusion-hyperprior/lambda0.001", "mbt2018-mean/lambda0.001"}
+    assert all(run["stage"] == 2 for run in summary["runs"].values())
 
 
 def test_student_benchmark_trains_teacher_and_student_and_reports_every_stage(image_dir, tmp_path):
