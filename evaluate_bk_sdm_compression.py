@@ -248,7 +248,8 @@ def build_codecs(args: argparse.Namespace, device: torch.device) -> list[Codec]:
     codecs: list[Codec] = []
     for label, arch, paths in curves:
         for path in paths:
-            codecs.append(LearnedCodec(label, Path(path).parent.name + "/" + Path(path).stem, load_learned(path, args, arch), device))
+            name = label or lic_common.load_checkpoint(path).get("architecture", arch or "learned")
+            codecs.append(LearnedCodec(name, Path(path).parent.name + "/" + Path(path).stem, load_learned(path, args, arch), device))
     for name in args.classical:
         codecs += [PillowCodec(name, q) for q in getattr(args, f"{name}_qualities") or DEFAULT_QUALITIES[name]]
     if not codecs:
@@ -477,7 +478,7 @@ def write_outputs(results: list[ImageResult], args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_path", nargs="*", default=[], help="codec checkpoints, one rate point each, forming one curve")
-    p.add_argument("--label", default="diffusion-hyperprior", help="name of the --model_path curve")
+    p.add_argument("--label", default=None, help="name of the --model_path curve (default: the checkpoints' architecture)")
     p.add_argument("--curve", action="append", help="another curve: LABEL=[ARCH:]PATH[,PATH...] (ARCH for CompressAI's own checkpoints)")
     p.add_argument("--classical", nargs="*", default=[], choices=tuple(PillowCodec.FORMATS), help="Pillow codecs to measure")
     for name, qualities in DEFAULT_QUALITIES.items():

@@ -131,6 +131,10 @@ def test_compressai_architecture_trains_and_loads_in_compressai(image_dir, tmp_p
 
     model = model_architectures["bmshj2018-hyperprior"].from_state_dict(ckpt["state_dict"])  # as eval_model does
     assert model.g_a[0].out_channels == 8
+    # the evaluation script names the --model_path curve after the checkpoint's architecture
+    summary = ev.main(["--model_path", str(tmp_path / "hp" / "best_checkpoint.pth"), "--data_path", str(image_dir),
+                       "--output_dir", str(tmp_path / "eval")])  # fmt: skip
+    assert (tmp_path / "eval" / "bmshj2018-hyperprior.json").is_file() and "diffusion-hyperprior" not in json.dumps(summary)
 
 
 def test_sampler_is_deterministic_and_split_across_ranks():
