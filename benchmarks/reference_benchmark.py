@@ -208,7 +208,7 @@ def parse_args(argv):
     p.add_argument("--stage2_dir", default=None, help="output folder of benchmarks/reference_gpu_stage.sh: measure and ship its finished runs instead of stage 1's")
     p.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"), help="figures and the evaluation caches")
     p.add_argument("--reference_dir", default=str(ROOT / "reference_checkpoints"), help="where the shipped checkpoints go")
-    p.add_argument("--lambdas", type=float, nargs="+", default=[4.4e-3, 2.3e-3, 1.2e-3, 6.2e-4, 3.2e-4], help="rate points (CompressAI qualities 2..6)")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[8.5e-3, 4.4e-3, 2.3e-3, 1.2e-3, 6.2e-4, 3.2e-4], help="rate points (CompressAI qualities 1..6)")
     p.add_argument("--base_lambda", type=float, default=1.2e-3, help="the rate point trained from scratch (the others start from it)")
     p.add_argument("--N", type=int, default=128, help="channels (codec and baseline)")
     p.add_argument("--M", type=int, default=192, help="latent channels (codec and baseline)")
