@@ -765,9 +765,9 @@ class Trainer:
                             s.best_loss = val["loss"]
                         self.log.info(
                             f"epoch {epoch} step {s.step}: {train.get('images_per_second', math.nan):.1f} img/s at "
-                            f"{train.get('crop', 0)} px, train loss {train.get('loss', math.nan):.4f} "
+                            f"{train.get('crop', 0)} px, train loss {train.get('loss', math.nan):.6f} "
                             f"bpp {train.get('bpp', math.nan):.3f} psnr {train.get('psnr', math.nan):.2f} | val loss "
-                            f"{val['loss']:.4f} bpp {val['bpp']:.3f} psnr {val['psnr']:.2f}{' (best)' if improved else ''}"
+                            f"{val['loss']:.6f} bpp {val['bpp']:.3f} psnr {val['psnr']:.2f}{' (best)' if improved else ''}"
                         )
                         if improved:
                             self.save_checkpoint(self.out / "best_checkpoint.pth", update_tables=True)

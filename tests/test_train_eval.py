@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,6 +40,8 @@ def test_training_writes_everything_and_resume_continues(image_dir, tmp_path):
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["epoch0000.png", "epoch0001.png"]
     config = json.loads((out / "config.json").read_text())
     assert config["model"]["codec"]["N"] == 8 and config["args"]["lambda_rate"] == 1e-4
+    # the log keeps losses to 6 decimals (a well-trained codec's loss is ~0.002: 4 decimals flatten its curve)
+    assert re.search(r"val loss \d\.\d{6} bpp", (out / "training.log").read_text())
 
     last = lic_common.load_checkpoint(out / "last_checkpoint.pth")
     assert last["run_state"]["step"] == 6
