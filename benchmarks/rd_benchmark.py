@@ -201,7 +201,8 @@ def _train_argv(args: argparse.Namespace, curve: str, lam: float) -> list[str]:
 
 
 def reference_path(args: argparse.Namespace, lam: float) -> Path:
-    return Path(args.reference_dir) / f"diffusion-hyperprior-lambda{lam:g}.pth"
+    folder = Path(args.reference_dir) if args.reference_dir else Path(args.runs_dir) / "slim"
+    return folder / f"diffusion-hyperprior-lambda{lam:g}.pth"
 
 
 def export_reference(args: argparse.Namespace, lam: float) -> Path:
@@ -377,7 +378,7 @@ def parse_args(argv):
     p.add_argument("--kodak", default=str(ROOT.parent / "shared" / "data" / "kodak"), help="evaluation images")
     p.add_argument("--runs_dir", default=str(ROOT / "benchmarks" / "runs"), help="training runs (resumable)")
     p.add_argument("--results_dir", default=str(ROOT / "benchmarks" / "results"), help="figures and the evaluation cache")
-    p.add_argument("--reference_dir", default=str(ROOT / "reference_checkpoints"), help="slim copies of the codec's checkpoints, for the demo")
+    p.add_argument("--reference_dir", default=None, help="where the slim copies of the codec's checkpoints (the files measured) go; default: RUNS_DIR/slim (the shipped reference_checkpoints/ are reference_benchmark.py's)")
     p.add_argument("--budget_minutes", type=float, default=10.0, help="training budget per rate point")
     p.add_argument("--budget_clock", default="steps", choices=("steps", "wall", "process"), help="steps: the step count each model does in --budget_minutes of measured training compute; or a wall / process-CPU time budget")
     p.add_argument("--timing_steps", type=int, default=6, help="timed training steps per model for the step budget")

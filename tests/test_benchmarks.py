@@ -23,7 +23,7 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
     for i in range(2):
         write_image(kodak / f"kodim0{i}.png", (64, 96), seed=10 + i)
     argv = ["--train_data", str(image_dir), "--kodak", str(kodak), "--runs_dir", str(tmp_path / "runs"),
-            "--results_dir", str(tmp_path / "results"), "--reference_dir", str(tmp_path / "ref"), "--budget_minutes", "0.003", "--timing_steps", "2", "--lambdas", "1e-2", "1e-3",
+            "--results_dir", str(tmp_path / "results"), "--budget_minutes", "0.003", "--timing_steps", "2", "--lambdas", "1e-2", "1e-3",
             "--N", "8", "--M", "8", "--unet_channels", "8", "--batch_size", "2", "--epoch_size", "4", "--image_size", "64",
             "--warmup_steps", "1", "--threads", "1"]  # fmt: skip
     summary = rd_benchmark.main(argv)
@@ -50,12 +50,14 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
     assert set(budgets["steps"]) == {c for c in learned if "@" not in c}
     assert budgets["steps"]["diffusion-hyperprior"] == max(1, int(0.18 / budgets["seconds_per_step"]["diffusion-hyperprior"]))
     assert "--diffusion_steps 0" in done["command"] and done["step"] == budgets["steps"]["no-diffusion"] >= 1
-    shipped = sorted(p.name for p in (tmp_path / "ref").iterdir())
+    # the slim files it measures stay with its runs (RUNS_DIR/slim): the shipped reference_checkpoints/ are not its to replace
+    slim = tmp_path / "runs" / "slim"
+    shipped = sorted(p.name for p in slim.iterdir())
     assert shipped == ["diffusion-hyperprior-lambda0.001.pth", "diffusion-hyperprior-lambda0.01.pth"]
     import bk_sdm_compression as bk
 
-    assert set(torch.load(tmp_path / "ref" / shipped[0], weights_only=True)) == {"architecture", "codec_format", "config", "state_dict"}
-    bk.load_codec(tmp_path / "ref" / shipped[0])
+    assert set(torch.load(slim / shipped[0], weights_only=True)) == {"architecture", "codec_format", "config", "state_dict"}
+    bk.load_codec(slim / shipped[0])
     # a second call trains nothing and re-measures nothing: everything comes from the caches
     stamp = (tmp_path / "runs" / "no-diffusion" / "lambda0.001" / "best_checkpoint.pth").stat().st_mtime_ns
     cache = (tmp_path / "results" / "eval_cache.json").stat().st_mtime_ns
