@@ -212,10 +212,11 @@ class PillowCodec(Codec):
 DEFAULT_QUALITIES = {"jpeg": [5, 10, 30, 50, 75, 90], "webp": [0, 10, 30, 50, 75, 90], "avif": [5, 20, 40, 60, 75, 90]}
 
 
-def load_learned(path: str, args: argparse.Namespace, arch: str | None = None) -> nn.Module:
+def load_learned(path: str, args: argparse.Namespace, arch: str | None = None, ckpt: dict | None = None) -> nn.Module:
     """A codec checkpoint of this project, or a CompressAI one (architecture from the checkpoint
-    or ``arch``). Pretrained-component flags, when given, must agree with the checkpoint."""
-    ckpt = lic_common.load_checkpoint(path)
+    or ``arch``). Pretrained-component flags, when given, must agree with the checkpoint.
+    ``ckpt``: the checkpoint already loaded from ``path``, to read it once."""
+    ckpt = lic_common.load_checkpoint(path) if ckpt is None else ckpt
     kind = ckpt.get("architecture", arch)
     if kind == bk.ARCHITECTURE:
         model, _ = bk.load_codec(path, "cpu", args.bk_sdm_path, args.diffusion_steps)
@@ -248,8 +249,9 @@ def build_codecs(args: argparse.Namespace, device: torch.device) -> list[Codec]:
     codecs: list[Codec] = []
     for label, arch, paths in curves:
         for path in paths:
-            name = label or lic_common.load_checkpoint(path).get("architecture", arch or "learned")
-            codecs.append(LearnedCodec(name, Path(path).parent.name + "/" + Path(path).stem, load_learned(path, args, arch), device))
+            ckpt = lic_common.load_checkpoint(path)
+            name = label or ckpt.get("architecture", arch or "learned")
+            codecs.append(LearnedCodec(name, Path(path).parent.name + "/" + Path(path).stem, load_learned(path, args, arch, ckpt), device))
     for name in args.classical:
         codecs += [PillowCodec(name, q) for q in getattr(args, f"{name}_qualities") or DEFAULT_QUALITIES[name]]
     if not codecs:

@@ -26,11 +26,12 @@ lambdas=("$@")
 [ ${#lambdas[@]} -gt 0 ] || lambdas=(4.4e-3 2.3e-3 1.2e-3 6.2e-4 3.2e-4)
 base_lambda=${BASE_LAMBDA:-1.2e-3}
 py=${PYTHON:-python}
+crop=${CROP:-256} batch=${BATCH_SIZE:-16} lr=${LR:-1e-4} seed=${SEED:-0}
 cd "$(dirname "$0")/.."
-common=(--data_path "$data" --image_size "${CROP:-256}" --downscale_min "${DOWNSCALE_MIN:-0.67}" --downscale_max 1.0
-        --val_image_size "${CROP:-256}" --batch_size "${BATCH_SIZE:-16}" --epochs 1000000 --epoch_size "${EPOCH_SIZE:-3200}"
-        --num_workers "${WORKERS:-2}" --seed "${SEED:-0}" --save_every 0 --no-progress --amp --device "${DEVICE:-cuda}"
-        --lr "${LR:-1e-4}" --warmup_steps 100 --max_steps "$steps")
+common=(--data_path "$data" --image_size "$crop" --downscale_min "${DOWNSCALE_MIN:-0.67}" --downscale_max 1.0
+        --val_image_size "$crop" --batch_size "$batch" --epochs 1000000 --epoch_size "${EPOCH_SIZE:-3200}"
+        --num_workers "${WORKERS:-2}" --seed "$seed" --save_every 0 --no-progress --amp --device "${DEVICE:-cuda}"
+        --lr "$lr" --warmup_steps 100 --max_steps "$steps")
 
 train() {  # curve lambda init
   local name="lambda$(printf %g "$2")"
@@ -43,7 +44,7 @@ train() {  # curve lambda init
   "$py" train_bk_sdm_compression.py "${common[@]}" --init_from "$init" --lambda_rate "$2" --output_dir "$dir" "${resume[@]}" \
     >> "$out/$1-$name.log" 2>&1 &&
     printf '{"stage": 2, "init_from": "%s", "steps": %s, "lr": %s, "seed": %s, "batch_size": %s}\n' \
-      "$init" "$steps" "${LR:-1e-4}" "${SEED:-0}" "${BATCH_SIZE:-16}" > "$dir/done.json"
+      "$init" "$steps" "$lr" "$seed" "$batch" > "$dir/done.json"
 }
 
 mkdir -p "$out"
