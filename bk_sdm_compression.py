@@ -407,6 +407,8 @@ class DiffusionHyperprior(CompressionModel):
         self.latent_denoise = config.latent_denoise
         # training: the decoder sees the rounded latent (straight-through), not the noisy proxy
         self.decoder_ste = False
+        # training: "all" reveal steps teacher-forced for every image, or one "sampled" per image
+        self.teacher_forcing = "all"
 
     # -- the masked-diffusion prior --
 
@@ -462,30 +464,46 @@ class DiffusionHyperprior(CompressionModel):
         return mu0 + s0 * shift, s0 * log_factor.exp(), shift
 
     def _teacher_forced(self, y_noisy: torch.Tensor, mu0: torch.Tensor, s0: torch.Tensor):
-        """Training: every reverse step (and the denoising step) in one batched U-Net pass, the
-        revealed groups holding ``y_noisy``. -> (means, scales, residual or None), (B, M, h, w)."""
+        """Training: the reverse steps (and the denoising step) in one batched U-Net pass, the
+        revealed groups holding ``y_noisy``. -> (means, scales, residual or None, rate weight or
+        None), (B, M, h, w) each.
+
+        ``teacher_forcing == "all"``: every reverse step for every image (S x the batch). With
+        ``"sampled"``, one step per image (stratified: image b takes step (b + r) mod S, r random),
+        so the pass costs one batch whatever S is; only that step's group gets its Gaussian, and
+        the rate weight (S_elements / group elements there, 0 elsewhere) makes the weighted code
+        length an unbiased estimate of the whole latent's."""
         if self.inference_steps == 0:
-            return mu0, s0, None
+            return mu0, s0, None, None
         B, M, h, w = y_noisy.shape
-        groups = self.reveal_groups(h, w, y_noisy.device)
+        device = y_noisy.device
+        groups = self.reveal_groups(h, w, device)
         residual_mode = self.config.mode == "residual"
-        steps = list(range(self.inference_steps)) if residual_mode else [0]
+        reveal = self.inference_steps if residual_mode else 1
+        sampled = self.teacher_forcing == "sampled" and reveal > 1
+        if sampled:
+            step = (torch.arange(B, device=device) + torch.randint(reveal, (), device=device)) % reveal
+            rows = torch.arange(B, device=device)
+        else:
+            step = torch.arange(reveal, device=device).repeat_interleave(B)
+            rows = torch.arange(B, device=device).repeat(reveal)
         denoise = residual_mode and self.config.latent_denoise
         if denoise:
-            steps.append(self.inference_steps)
-        n = len(steps)
-        known = torch.stack([groups < k for k in steps])[:, None].expand(n, B, M, h, w)
-        state = torch.where(known, y_noisy[None], mu0[None])
-
-        def flat(t):
-            return t.reshape(n * B, M, h, w)
-
-        step = torch.tensor(steps, device=y_noisy.device).repeat_interleave(B)
-        means, scales, residual = (t.view(n, B, M, h, w) for t in
-                                   self._predict(flat(state), flat(known), step, mu0.repeat(n, 1, 1, 1), s0.repeat(n, 1, 1, 1)))  # fmt: skip
-        reveal = n - denoise
-        pick = F.one_hot(groups, reveal).permute(3, 0, 1, 2).to(means.dtype)[:, None]  # (reveal, 1, M, h, w)
-        return (pick * means[:reveal]).sum(0), (pick * scales[:reveal]).sum(0), residual[-1] if denoise else None
+            step = torch.cat([step, torch.full((B,), reveal, device=device)])
+            rows = torch.cat([rows, torch.arange(B, device=device)])
+        known = groups[None] < step[:, None, None, None]  # (passes, M, h, w)
+        state = torch.where(known, y_noisy[rows], mu0[rows])
+        means, scales, residual = self._predict(state, known, step, mu0[rows], s0[rows])
+        n = 1 if sampled else reveal
+        pick = (groups[None] == step[: n * B, None, None, None]).view(n, B, M, h, w)  # the group each pass codes
+        means = torch.where(pick, means[: n * B].view(n, B, M, h, w), 0).sum(0)
+        scales = torch.where(pick, scales[: n * B].view(n, B, M, h, w), 0).sum(0)
+        weight = None
+        if sampled:  # the other groups keep the hyperprior's Gaussian, at weight 0
+            means, scales = torch.where(pick[0], means, mu0), torch.where(pick[0], scales, s0)
+            sizes = torch.bincount(groups.flatten(), minlength=reveal).double()
+            weight = pick[0] * (groups.numel() / sizes)[step[:B], None, None, None]
+        return means, scales, residual[-B:] if denoise else None, weight
 
     def _run_chain(self, mu0: torch.Tensor, s0: torch.Tensor, code_group: Callable) -> tuple:
         """The reverse chain, as the decoder runs it. ``code_group(k, selected, means, scales)``
@@ -545,10 +563,11 @@ class DiffusionHyperprior(CompressionModel):
         mu0, sigma0 = self.hyper_decode(z_hat)
         y = y.float()
         likelihoods = {"z": z_likelihoods}
+        rate_weight = None
         if self.training:
             # the noisy proxy of round(y - mu) + mu (drawn in logical order: the same in any memory format)
             y_coded = y + torch.rand(y.shape, device=y.device).sub_(0.5)
-            means, scales, residual = self._teacher_forced(y_coded, mu0, sigma0)
+            means, scales, residual, rate_weight = self._teacher_forced(y_coded, mu0, sigma0)
             y_hat = y_coded if self.config.mode == "residual" else means
             if self.decoder_ste and self.config.mode == "residual":
                 y_hat = y + (torch.round(y - means) + means - y).detach()
@@ -562,6 +581,8 @@ class DiffusionHyperprior(CompressionModel):
         if self.config.mode == "residual":
             with torch.autocast(device_type=x.device.type, enabled=False):
                 likelihoods["y"] = self._y_likelihoods(y_coded, scales, means)
+                if rate_weight is not None:  # one sampled step: L^w, see _teacher_forced (float64: L^w underflows fp32)
+                    likelihoods["y"] = likelihoods["y"].double().pow(rate_weight)
         x_hat = self.g_s(y_hat)[..., :height, :width]
         return {"x_hat": x_hat, "y": y, "z": z, "y_hat": y_hat, "prediction": means, "scales": scales, "likelihoods": likelihoods}
 

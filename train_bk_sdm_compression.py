@@ -273,7 +273,7 @@ class RateDistortionLoss(nn.Module):
     def forward(self, out: dict, x: torch.Tensor) -> dict:
         x_hat = out["x_hat"].float()
         num_pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
-        bpp = lic_common.bpp_from_likelihoods({k: v.float() for k, v in out["likelihoods"].items()}, num_pixels)
+        bpp = lic_common.bpp_from_likelihoods({k: v if v.dtype == torch.float64 else v.float() for k, v in out["likelihoods"].items()}, num_pixels)
         mse = F.mse_loss(x_hat, x)
         if self.distortion == "mse":
             distortion = mse
@@ -395,6 +395,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no step budget)")
     g.add_argument("--time_budget", type=float, default=0.0, help="stop after this many minutes of training (0: none)")
     g.add_argument("--budget_clock", default="wall", choices=("wall", "process"), help="what --time_budget counts: wall time, or this process's CPU time (all threads; steady when other work shares the machine)")
+    g.add_argument("--teacher_forcing", default="all", choices=("all", "sampled"), help="codec: train every reverse step for every image (S U-Net passes a batch), or one stratified-sampled step per image (one pass; the rate weighted to stay unbiased)")
     g.add_argument("--decoder_ste_from", type=float, default=None, help="codec: from this fraction of training on, the synthesis transform trains on the rounded latent (straight-through) instead of the noisy proxy (default: never)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision (autocast; entropy models stay fp32) on CUDA and on the CPU")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format for the model and batches (1.2x a bfloat16 step on this project's CPU)")
@@ -427,6 +428,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--quality selects a CompressAI architecture's size; use --N/--M for the codec")
     if not 0 < args.downscale_min <= args.downscale_max <= 1:
         p.error(f"need 0 < --downscale_min <= --downscale_max <= 1, got {args.downscale_min} and {args.downscale_max}")
+    if args.teacher_forcing == "sampled" and args.decoder_ste_from is not None:
+        p.error("--decoder_ste_from needs every step's means: use it with --teacher_forcing all")
     if args.decoder_ste_from is not None and (args.model != bk.ARCHITECTURE or not 0 <= args.decoder_ste_from <= 1):
         p.error("--decoder_ste_from is a fraction of training in [0, 1], for the codec only")
     try:
@@ -476,6 +479,8 @@ class Trainer:
         lic_common.seed_everything(args.seed)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model = build_model(self.config).to(self.device, memory_format=self.memory_format)
+        if isinstance(self.model, bk.DiffusionHyperprior):
+            self.model.teacher_forcing = args.teacher_forcing
         self.criterion = RateDistortionLoss(args.lambda_rate, args.distortion)
         main_params, aux_params = split_parameters(self.model)
         self.optimizer = torch.optim.Adam(main_params, lr=args.lr)

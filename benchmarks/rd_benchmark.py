@@ -59,7 +59,8 @@ def curve_flags(curve: str, args: argparse.Namespace) -> list[str]:
         return ["--model", curve, *amp]
     steps = args.diffusion_steps if curve == "diffusion-hyperprior" else 0
     denoise = ["--latent_denoise" if args.latent_denoise and steps else "--no-latent_denoise"]
-    return ["--diffusion_steps", str(steps), "--unet_channels", str(args.unet_channels), *denoise, *amp]
+    return ["--diffusion_steps", str(steps), "--unet_channels", str(args.unet_channels), *denoise, *amp,
+            "--teacher_forcing", args.teacher_forcing]
 
 
 def run_dir(args, curve: str, lam: float) -> Path:
@@ -76,7 +77,7 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
     ``step_budgets.json`` with the sizes it was measured for; other sizes are timed again.
     """
     path = Path(args.results_dir) / "step_budgets.json"
-    setup = {k: getattr(args, k) for k in ("N", "M", "diffusion_steps", "unet_channels", "latent_denoise", "image_size", "batch_size", "budget_minutes", "amp")}
+    setup = {k: getattr(args, k) for k in ("N", "M", "diffusion_steps", "unet_channels", "latent_denoise", "teacher_forcing", "image_size", "batch_size", "budget_minutes", "amp")}
     setup["curves"] = list(CURVES)
     if path.is_file():
         cached = json.loads(path.read_text())
@@ -88,6 +89,8 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
         cfg = tr.model_config(tr.parse_args(["--data_path", ".", "--N", str(args.N), "--M", str(args.M), *curve_flags(curve, args)]))
         torch.manual_seed(args.seed)
         models[curve] = tr.build_model(cfg)
+        if curve == "diffusion-hyperprior":
+            models[curve].teacher_forcing = args.teacher_forcing
     criterion = tr.RateDistortionLoss(args.lambdas[0])
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
     times = tr.time_training_steps(models, criterion, x, args.timing_steps, lr=args.lr, amp=args.amp)
@@ -390,6 +393,7 @@ def parse_args(argv):
     p.add_argument("--diffusion_steps", type=int, default=4, help="reverse steps of the diffusion curve")
     p.add_argument("--unet_channels", type=int, default=32, help="U-Net width")
     p.add_argument("--latent_denoise", action=argparse.BooleanOptionalAction, default=False, help="train the codec with the final denoising step (measured without it too)")
+    p.add_argument("--teacher_forcing", default="all", choices=("all", "sampled"), help="the codec's teacher forcing: every reverse step per image, or one sampled step (see train_bk_sdm_compression.py)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="train every model under bfloat16 autocast (entropy models in fp32)")
     p.add_argument("--image_size", type=int, default=128, help="training crop (64 px crops give 4x4 latents, where every context is all border)")
     p.add_argument("--batch_size", type=int, default=8, help="batch size")

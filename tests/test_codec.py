@@ -178,10 +178,52 @@ def test_training_inputs_are_the_decoders_inputs():
         y_hat, means, scales, decoded = model._run_chain(
             mu0, sigma0, lambda k, sel, m, s: model.gaussian_conditional.quantize(y[:, sel], "dequantize", m)
         )
-        forced_means, forced_scales, residual = model._teacher_forced(decoded, mu0, sigma0)
+        forced_means, forced_scales, residual, weight = model._teacher_forced(decoded, mu0, sigma0)
+    assert weight is None
     torch.testing.assert_close(forced_means, means, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(forced_scales, scales, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(decoded + residual, y_hat, rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_teacher_forcing_is_one_pass_per_image_and_an_unbiased_rate():
+    """``teacher_forcing = "sampled"``: one U-Net pass per image, on a stratified step; the group
+    that step codes gets the chain's Gaussians, and the weighted code length of S copies of an
+    image (every step once) is exactly S times the whole chain's."""
+    model = ready(perturbed(tiny_model(diffusion_steps=4)))
+    x = torch.rand(1, 3, 64, 64).expand(4, 3, 64, 64)
+    with torch.no_grad():
+        z_hat = model.entropy_bottleneck(model.h_a(model.g_a(x)))[0]
+        mu0, sigma0 = model.hyper_decode(z_hat)
+        y = model.g_a(x)
+        _, means, scales, decoded = model._run_chain(
+            mu0, sigma0, lambda k, sel, m, s: model.gaussian_conditional.quantize(y[:, sel], "dequantize", m)
+        )
+        batches = []
+        model.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+        model.teacher_forcing = "sampled"
+        s_means, s_scales, residual, weight = model._teacher_forced(decoded, mu0, sigma0)
+        model.teacher_forcing = "all"
+        a_means, a_scales, _, _ = model._teacher_forced(decoded, mu0, sigma0)
+    assert batches == [4, 16] and residual is None
+    groups = model.reveal_groups(*y.shape[-2:], y.device)
+    picked = weight > 0
+    for b in range(4):  # one group per image, each step once over the batch, weight S
+        assert len(torch.unique(groups[picked[b]])) == 1
+        assert torch.all(weight[b][picked[b]] == 4)
+    assert torch.equal(torch.sort(torch.stack([groups[picked[b]][0] for b in range(4)])).values, torch.arange(4))
+    torch.testing.assert_close(s_means[picked], means[picked], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_scales[picked], scales[picked], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_means[~picked], mu0[~picked])
+    bits = -model._y_likelihoods(decoded, s_scales, s_means).double().log2()
+    whole = -model._y_likelihoods(decoded, a_scales, a_means).double().log2()
+    torch.testing.assert_close((weight * bits).sum(), whole.sum(), rtol=1e-6, atol=1e-6)
+    model.train()  # and forward's likelihoods carry the weight: bits only where a step coded
+    model.teacher_forcing = "sampled"
+    out = model(torch.rand(4, 3, 64, 64))
+    lik = out["likelihoods"]["y"]
+    assert lik.dtype == torch.float64
+    coded = (lik < 1).flatten(1).float().mean(1)  # one group of four per image costs bits, at weight 4
+    assert torch.all((coded > 0.2) & (coded <= 0.25))
 
 
 def test_decoder_ste_feeds_the_decoder_the_rounded_latent_with_a_gradient():
