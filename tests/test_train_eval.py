@@ -188,6 +188,26 @@ def test_training_with_a_crop_schedule_and_downscaling(image_dir, tmp_path):
     assert result["step"] == 6 and math.isfinite(result["best_loss"])
 
 
+def test_sampled_teacher_forcing_trains_one_unet_pass_per_image(image_dir, tmp_path, monkeypatch):
+    """``--teacher_forcing sampled`` reaches the model: its training passes hold the batch, not
+    steps x the batch; ``--decoder_ste_from`` (which needs every step's means) is refused with it."""
+    batches = []
+    build = tr.build_model
+
+    def recording_build(config):
+        model = build(config)
+        model.unet.register_forward_hook(lambda m, a, o: batches.append((m.training, a[0].shape[0])))
+        return model
+
+    monkeypatch.setattr(tr, "build_model", recording_build)
+    result = run_train(image_dir, tmp_path / "run", "--epochs", "1", "--teacher_forcing", "sampled")
+    assert math.isfinite(result["best_loss"])
+    assert max(n for training, n in batches if training) == 2  # batch 2 (1 at an epoch's end), S = 2: all steps would pass 4
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["args"]["teacher_forcing"] == "sampled"
+    with pytest.raises(SystemExit):
+        tr.parse_args(["--data_path", ".", "--teacher_forcing", "sampled", "--decoder_ste_from", "0.5"])
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
