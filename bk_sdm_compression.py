@@ -34,7 +34,8 @@ Mode ``z_only`` codes nothing but z: y_hat is the U-Net's prediction with nothin
 Training uses teacher forcing. The revealed groups hold the noisy proxy y + u, u ~ U(-1/2, 1/2),
 which does not depend on the predicted means (CompressAI's models train with the same proxy), so
 the S reveal steps and the denoising step are one batched U-Net pass with no backpropagation
-through a chain. With ``decoder_ste`` set (late in training: ``--decoder_ste_from``) the
+through a chain (``teacher_forcing = "sampled"``: one stratified step per image instead, the
+rate weighted to stay unbiased). With ``decoder_ste`` set (late in training: ``--decoder_ste_from``) the
 synthesis transform sees round(y - means) + means with a straight-through gradient instead, the
 values it decodes (mixed quantization, Minnen & Singh 2020); the rate keeps the proxy. In eval
 mode ``forward`` runs the exact chain with rounding, which is what ``compress`` and
