@@ -323,6 +323,8 @@ class Stage:
         self.optimizer = torch.optim.Adam(params, lr=args.lr)
         use_amp = args.amp and self.device.type in ("cuda", "cpu")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_amp else nullcontext
+        if warning := lic_common.cpu_amp_warning(self.device, args.amp):
+            print(f"warning: {warning}", file=sys.stderr)
         train_files, val_files = data_files(args)
         size = args.crop_size
         on_the_fly = not args.use_prepared

@@ -498,6 +498,8 @@ class Trainer:
             self._load_model_state(init_ckpt["state_dict"])
         self.ddp = self._wrap_ddp()
         self.writer, self.log = self._build_outputs()
+        if warning := lic_common.cpu_amp_warning(self.device, args.amp):
+            self.log.warning(warning)
 
     # -- construction --
 

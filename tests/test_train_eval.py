@@ -352,6 +352,20 @@ def test_cpu_amp_trains_the_codec_in_bfloat16(image_dir, tmp_path, capsys):
     assert "--amp on the CPU takes --amp_dtype bfloat16" in capsys.readouterr().err
 
 
+def test_emulated_cpu_bfloat16_is_detected_and_warned_about(image_dir, tmp_path, monkeypatch):
+    assert lic_common.cpu_bf16_is_native("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n") is True
+    assert lic_common.cpu_bf16_is_native("processor\t: 0\nflags\t\t: fpu avx512f avx512bw avx512_vnni\n") is False
+    assert lic_common.cpu_bf16_is_native("Features\t: fp asimd sve bf16\n") is True
+    assert lic_common.cpu_bf16_is_native("model name\t: something\n") is None
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(lic_common, "cpu_bf16_is_native", lambda cpuinfo=None: True)
+    assert lic_common.cpu_amp_warning(cpu, True) is None
+    monkeypatch.setattr(lic_common, "cpu_bf16_is_native", lambda cpuinfo=None: False)
+    assert lic_common.cpu_amp_warning(cpu, False) is None
+    run_train(image_dir, tmp_path / "run", "--max_steps", "1", "--epochs", "1")  # --amp is the default
+    assert "emulates bfloat16, slower than fp32; consider --no-amp" in (tmp_path / "run" / "training.log").read_text()
+
+
 def test_init_from_starts_a_new_run_from_another_runs_model(image_dir, tmp_path):
     run_train(image_dir, tmp_path / "a", "--epochs", "1")
     source = lic_common.load_checkpoint(tmp_path / "a" / "last_checkpoint.pth")
