@@ -166,18 +166,22 @@ def test_reveal_groups_partition_the_latent(reveal, steps):
         assert all(len(torch.unique(groups[c])) == 1 for c in range(16))
 
 
+def decoded_chain(model, x):
+    """(mu0, sigma0, the decoder's chain run with rounding: (y_hat, means, scales, decoded)) of x."""
+    z_hat = model.entropy_bottleneck(model.h_a(model.g_a(x)))[0]
+    mu0, sigma0 = model.hyper_decode(z_hat)
+    y = model.g_a(x)
+    quantize = model.gaussian_conditional.quantize
+    return mu0, sigma0, model._run_chain(mu0, sigma0, lambda k, sel, m, s: quantize(y[:, sel], "dequantize", m))
+
+
 def test_training_inputs_are_the_decoders_inputs():
     """Teacher forcing builds, in one batched pass, the inputs the decoder's chain meets: fed the
     decoded latent in place of the noisy proxy, it gives the chain's Gaussians and denoising."""
     model = ready(perturbed(tiny_model(diffusion_steps=4, latent_denoise=True)))
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        z_hat = model.entropy_bottleneck(model.h_a(model.g_a(x)))[0]
-        mu0, sigma0 = model.hyper_decode(z_hat)
-        y = model.g_a(x)
-        y_hat, means, scales, decoded = model._run_chain(
-            mu0, sigma0, lambda k, sel, m, s: model.gaussian_conditional.quantize(y[:, sel], "dequantize", m)
-        )
+        mu0, sigma0, (y_hat, means, scales, decoded) = decoded_chain(model, x)
         forced_means, forced_scales, residual, weight = model._teacher_forced(decoded, mu0, sigma0)
     assert weight is None
     torch.testing.assert_close(forced_means, means, rtol=1e-5, atol=1e-5)
@@ -192,12 +196,8 @@ def test_sampled_teacher_forcing_is_one_pass_per_image_and_an_unbiased_rate():
     model = ready(perturbed(tiny_model(diffusion_steps=4)))
     x = torch.rand(1, 3, 64, 64).expand(4, 3, 64, 64)
     with torch.no_grad():
-        z_hat = model.entropy_bottleneck(model.h_a(model.g_a(x)))[0]
-        mu0, sigma0 = model.hyper_decode(z_hat)
+        mu0, sigma0, (_, means, scales, decoded) = decoded_chain(model, x)
         y = model.g_a(x)
-        _, means, scales, decoded = model._run_chain(
-            mu0, sigma0, lambda k, sel, m, s: model.gaussian_conditional.quantize(y[:, sel], "dequantize", m)
-        )
         batches = []
         model.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
         model.teacher_forcing = "sampled"
