@@ -822,13 +822,15 @@ def load_codec(
     device: str | torch.device = "cpu",
     bk_sdm_path: str | None = None,
     diffusion_steps: int | None = None,
+    ckpt: dict | None = None,
 ) -> tuple[DiffusionHyperprior, dict]:
     """Rebuild a trained codec from a checkpoint, entropy tables ready, in eval mode.
 
     ``bk_sdm_path`` overrides where the pretrained parts are loaded from (e.g. a local copy);
-    ``diffusion_steps`` overrides the number of reverse steps (0: the hyper-decoder alone).
+    ``diffusion_steps`` overrides the number of reverse steps (0: the hyper-decoder alone);
+    ``ckpt``: the checkpoint already read from ``path`` (it is then not read again).
     """
-    ckpt = lic_common.load_checkpoint(path)
+    ckpt = lic_common.load_checkpoint(path) if ckpt is None else ckpt
     check_codec_checkpoint(ckpt, path)
     config = CodecConfig.from_dict(ckpt["config"])
     if bk_sdm_path is not None and (config.use_pretrained_vae or config.use_pretrained_unet):

@@ -219,7 +219,7 @@ def load_learned(path: str, args: argparse.Namespace, arch: str | None = None, c
     ckpt = lic_common.load_checkpoint(path) if ckpt is None else ckpt
     kind = ckpt.get("architecture", arch)
     if kind == bk.ARCHITECTURE:
-        model, _ = bk.load_codec(path, "cpu", args.bk_sdm_path, args.diffusion_steps)
+        model, _ = bk.load_codec(path, "cpu", args.bk_sdm_path, args.diffusion_steps, ckpt)
         for flag in ("use_pretrained_vae", "use_pretrained_unet"):
             wanted = getattr(args, flag)
             if wanted is not None and wanted != getattr(model.config, flag):

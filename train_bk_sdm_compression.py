@@ -69,6 +69,14 @@ def build_model(config: dict) -> nn.Module:
     return entropy_models_in_fp32(model_architectures[config["architecture"]](config["N"], config["M"]))
 
 
+def set_training_options(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """The codec's training-only switches from the command line: they change how it trains, not
+    what it decodes, so they are not part of its config (``--decoder_ste_from`` is set per step)."""
+    if isinstance(model, bk.DiffusionHyperprior):
+        model.teacher_forcing = args.teacher_forcing
+    return model
+
+
 def entropy_models_in_fp32(model: nn.Module) -> nn.Module:
     """Run every CompressAI entropy model of ``model`` outside autocast, on fp32 inputs, as the
     codec runs its own: under bfloat16 the likelihoods (and so the rate term) would lose bits of
@@ -478,9 +486,7 @@ class Trainer:
         self.config = source["run_config"]["model"] if source else model_config(args)
         lic_common.seed_everything(args.seed)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        self.model = build_model(self.config).to(self.device, memory_format=self.memory_format)
-        if isinstance(self.model, bk.DiffusionHyperprior):
-            self.model.teacher_forcing = args.teacher_forcing
+        self.model = set_training_options(build_model(self.config), args).to(self.device, memory_format=self.memory_format)
         self.criterion = RateDistortionLoss(args.lambda_rate, args.distortion)
         main_params, aux_params = split_parameters(self.model)
         self.optimizer = torch.optim.Adam(main_params, lr=args.lr)

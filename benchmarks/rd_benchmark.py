@@ -86,11 +86,9 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
         print(f"{path} was measured for {cached.get('setup', 'unrecorded sizes')}, not {setup}: timing again")
     models = {}
     for curve in CURVES:
-        cfg = tr.model_config(tr.parse_args(["--data_path", ".", "--N", str(args.N), "--M", str(args.M), *curve_flags(curve, args)]))
+        train_args = tr.parse_args(["--data_path", ".", "--N", str(args.N), "--M", str(args.M), *curve_flags(curve, args)])
         torch.manual_seed(args.seed)
-        models[curve] = tr.build_model(cfg)
-        if curve == "diffusion-hyperprior":
-            models[curve].teacher_forcing = args.teacher_forcing
+        models[curve] = tr.set_training_options(tr.build_model(tr.model_config(train_args)), train_args)
     criterion = tr.RateDistortionLoss(args.lambdas[0])
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
     times = tr.time_training_steps(models, criterion, x, args.timing_steps, lr=args.lr, amp=args.amp)
