@@ -249,3 +249,32 @@ def test_student_benchmark_trains_teacher_and_student_and_reports_every_stage(im
     op = result["operating_point"]
     assert op["teacher"]["bpp"] == result["kodak"]["initialised"]["bpp"] and len(op["jpeg"]["bpp"]) == 4
     assert op["published_quality8"]["bpp"] > 1.5  # CompressAI's quality 8
+
+
+def test_codec_probes_measure_latents_finetune_the_decoder_alone_and_train_variants(image_dir, tmp_path):
+    """benchmarks/codec_probes.py: the latents' errors are what their quantizers make; the decoder
+    fine-tuning changes g_s and nothing else; a training variant runs (in its own process: it
+    patches the modules it runs)."""
+    import codec_probes
+    import train_bk_sdm_compression as tr
+
+    tiny = ["--N", "8", "--M", "8", "--diffusion_steps", "2", "--unet_channels", "8", "--image_size", "64", "--val_image_size", "64",
+            "--batch_size", "2", "--num_workers", "0", "--warmup_steps", "1", "--no-progress", "--max_steps", "2", "--epochs", "1"]  # fmt: skip
+    tr.main(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "run"), *tiny])
+    ckpt = str(tmp_path / "run" / "best_checkpoint.pth")
+    got = codec_probes.main(["latents", ckpt, "--images", str(image_dir), "--max_images", "2"])
+    assert got["exact"]["latent_mse"] == 0 and 0.04 < got["proxy"]["latent_mse"] < 0.13
+    assert all(got[n]["latent_mse"] <= 0.25 and got[n]["bpp"] > 0 for n in ("chain", "chain_centroid", "mu0", "dither"))
+    assert got["chain_centroid"]["bpp"] == got["chain"]["bpp"] and got["chain"]["latent_mse"] > 0
+
+    out = tmp_path / "decoder.pth"
+    codec_probes.main(["finetune-decoder", ckpt, str(out), "--data_path", str(image_dir), "--steps", "2", "--crop", "64", "--batch_size", "2"])
+    before, after = lic_common.load_checkpoint(ckpt)["state_dict"], lic_common.load_checkpoint(out)["state_dict"]
+    changed = {k for k, v in after.items() if not torch.equal(v.float(), before[k].float())}
+    assert changed and all(k.startswith("g_s.") for k in changed)
+
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "codec_probes.py"), "train", "detach", "--",
+                          "--data_path", str(image_dir), "--output_dir", str(tmp_path / "detach"), *tiny],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "detach" / "best_checkpoint.pth").is_file()
