@@ -346,8 +346,10 @@ def time_training_steps(models: dict[str, nn.Module], criterion: nn.Module, x: t
         fmt = torch.channels_last if opts.get("channels_last") else torch.contiguous_format
         state[name] = (model, torch.optim.Adam(main, lr), torch.optim.Adam(aux, aux_lr), [],
                        x.contiguous(memory_format=fmt), opts.get("amp", amp))  # fmt: skip
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)  # CUDA runs asynchronously: time finished work
     for _ in range(steps):
         for model, opt, aux_opt, times, batch, use_amp in state.values():
+            sync()
             start = time.perf_counter()
             with torch.autocast(device_type=batch.device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = model(batch)
@@ -359,6 +361,7 @@ def time_training_steps(models: dict[str, nn.Module], criterion: nn.Module, x: t
             aux_opt.zero_grad()
             aux_loss.backward()
             aux_opt.step()
+            sync()
             times.append(time.perf_counter() - start)
     return {name: entry[3] for name, entry in state.items()}
 

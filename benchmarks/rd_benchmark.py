@@ -18,7 +18,8 @@ steps, and other work on the machine changes how long a run takes but not what i
 Training runs are resumable and finished runs and evaluations are cached: the command can be
 run again, over several sittings, and only does what is missing. A run being trained is claimed
 (``claim.json`` in its folder), so several copies of the command can share the runs: on a 2-core
-machine, two copies with ``--threads 1`` train two runs at a time.
+machine, two copies with ``--threads 1`` train two runs at a time; on one GPU (``--device cuda``,
+step budgets timed there) as many copies as it holds.
 
     python benchmarks/rd_benchmark.py --train_data ../shared/data/train --kodak ../shared/data/kodak
 """
@@ -79,6 +80,7 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
     path = Path(args.results_dir) / "step_budgets.json"
     setup = {k: getattr(args, k) for k in ("N", "M", "diffusion_steps", "unet_channels", "latent_denoise", "teacher_forcing", "image_size", "batch_size", "budget_minutes", "amp")}
     setup["curves"] = list(CURVES)
+    setup["device"] = device_name(args.device)
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("setup") == setup:
@@ -88,9 +90,9 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
     for curve in CURVES:
         train_args = tr.parse_args(["--data_path", ".", "--N", str(args.N), "--M", str(args.M), *curve_flags(curve, args)])
         torch.manual_seed(args.seed)
-        models[curve] = tr.set_training_options(tr.build_model(tr.model_config(train_args)), train_args)
+        models[curve] = tr.set_training_options(tr.build_model(tr.model_config(train_args)), train_args).to(args.device)
     criterion = tr.RateDistortionLoss(args.lambdas[0])
-    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
+    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
     times = tr.time_training_steps(models, criterion, x, args.timing_steps, lr=args.lr, amp=args.amp)
     seconds = {curve: min(t[1:]) for curve, t in times.items()}  # the first step warms up
     steps = {curve: max(1, int(args.budget_minutes * 60 / s)) for curve, s in seconds.items()}  # 0 would mean "no limit"
@@ -98,6 +100,12 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
                                                    "setup": setup}, indent=2))  # fmt: skip
     print(f"step budgets for {args.budget_minutes} minutes of training compute: {steps} (seconds per step {seconds})")
     return steps
+
+
+def device_name(device: str) -> str:
+    """What the step budgets were timed on: "cpu", or the GPU's name (budgets do not carry over)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _process_start(pid: int) -> str | None:
@@ -198,7 +206,7 @@ def _train_argv(args: argparse.Namespace, curve: str, lam: float) -> list[str]:
             "--lambda_rate", str(lam), "--image_size", str(args.image_size), "--batch_size", str(args.batch_size),
             "--lr", str(args.lr), "--warmup_steps", str(args.warmup_steps), "--epochs", "1000000",
             "--epoch_size", str(args.epoch_size), *budget, "--num_workers", "0", "--seed", str(args.seed),
-            "--save_every", "0", "--no-progress", *curve_flags(curve, args)]  # fmt: skip
+            "--save_every", "0", "--no-progress", "--device", args.device, *curve_flags(curve, args)]  # fmt: skip
 
 
 def reference_path(args: argparse.Namespace, lam: float) -> Path:
@@ -400,6 +408,7 @@ def parse_args(argv):
     p.add_argument("--epoch_size", type=int, default=800, help="crops per epoch (validation after each)")
     p.add_argument("--seed", type=int, default=0, help="seed of every run")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device of training, step timing and evaluation (on one GPU, several copies of the command share it, as on the CPU)")
     p.add_argument("--max_images", type=int, default=0, help="evaluate on the first N Kodak images only (0: all 24)")
     p.add_argument("--training", default=True, action=argparse.BooleanOptionalAction, help="train the runs not finished yet (--no-training: only evaluate those that are)")
     p.add_argument("--evaluate", default=True, action=argparse.BooleanOptionalAction, help="measure the finished runs on Kodak and report (--no-evaluate: only train)")
@@ -416,7 +425,7 @@ def main(argv) -> dict:
                 train_point(args, curve, lam)
     if not args.evaluate:
         return {}
-    return report(measure(args, torch.device("cpu")), args)
+    return report(measure(args, torch.device(args.device)), args)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
     argv = ["--train_data", str(image_dir), "--kodak", str(kodak), "--runs_dir", str(tmp_path / "runs"),
             "--results_dir", str(tmp_path / "results"), "--budget_minutes", "0.003", "--timing_steps", "2", "--lambdas", "1e-2", "1e-3",
             "--N", "8", "--M", "8", "--unet_channels", "8", "--batch_size", "2", "--epoch_size", "4", "--image_size", "64",
-            "--warmup_steps", "1", "--threads", "1"]  # fmt: skip
+            "--warmup_steps", "1", "--threads", "1", "--device", "cpu"]  # fmt: skip
     summary = rd_benchmark.main(argv)
     learned = {"diffusion-hyperprior", "diffusion-hyperprior@0steps", "no-diffusion", "bmshj2018-hyperprior",
                "mbt2018-mean", "mbt2018"}  # fmt: skip
@@ -50,6 +50,7 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
     assert set(budgets["steps"]) == {c for c in learned if "@" not in c}
     assert budgets["steps"]["diffusion-hyperprior"] == max(1, int(0.18 / budgets["seconds_per_step"]["diffusion-hyperprior"]))
     assert "--diffusion_steps 0" in done["command"] and done["step"] == budgets["steps"]["no-diffusion"] >= 1
+    assert "--device cpu" in done["command"] and budgets["setup"]["device"] == "cpu"  # budgets are per device
     # the slim files it measures stay with its runs (RUNS_DIR/slim): the shipped reference_checkpoints/ are not its to replace
     slim = tmp_path / "runs" / "slim"
     shipped = sorted(p.name for p in slim.iterdir())
