@@ -13,12 +13,17 @@
   U-Net in its own Adam group at F x ``--lr``), ``scale-prior`` (``bmshj2018-hyperprior``'s h_a on
   |y| and scales-only h_s inside the codec, mu0 = 0). Checkpoints of ``scale-prior`` are read back
   only through ``evaluate VARIANT -- EVAL_ARGS``, which applies the same change first.
+- ``crop-sizes CKPT [CKPT ...]``: how a trained model's rate and PSNR carry over from the training
+  crop size to larger images: bpp (from the likelihoods) and PSNR on tiles of the held-out
+  photographs at each ``--sizes``, in train mode (the noisy proxy) and eval mode (rounding; the
+  codec's chain). Any checkpoint ``evaluate_bk_sdm_compression.py`` reads.
 - ``step-times``: seconds of a training step of the codec (4 steps, all and sampled teacher
   forcing; 2 steps; 0 steps) and ``bmshj2018-hyperprior``, interleaved, fp32 and bfloat16.
 
     python benchmarks/codec_probes.py latents reference_checkpoints/diffusion-hyperprior-lambda0.0012.pth
     python benchmarks/codec_probes.py finetune-decoder reference_checkpoints/diffusion-hyperprior-lambda0.0012.pth OUT.pth
     python benchmarks/codec_probes.py train detach -- --data_path ../shared/data/train --output_dir RUN ...
+    python benchmarks/codec_probes.py crop-sizes RUN_A/best_checkpoint.pth RUN_B/best_checkpoint.pth
 """
 
 from __future__ import annotations
@@ -136,6 +141,46 @@ def run_finetune_decoder(args: argparse.Namespace) -> dict:
     return {"output": args.output, "steps": args.steps}
 
 
+# ---- Crop sizes ----
+
+
+def centre_tiles(x: torch.Tensor, size: int, grid: int) -> list[torch.Tensor]:
+    """The tiles of a ``grid`` x ``grid`` block of ``size`` px tiles centred on the image that fit
+    in it; where none does, the centre tile; none where the image is smaller than ``size``."""
+    H, W = x.shape[-2:]
+    if min(H, W) < size:
+        return []
+    offsets = [(k - (grid - 1) / 2) for k in range(grid)]
+    corners = [(round(H / 2 - size / 2 + dy * size), round(W / 2 - size / 2 + dx * size)) for dy in offsets for dx in offsets]
+    corners = [(t, l) for t, l in corners if 0 <= t and t + size <= H and 0 <= l and l + size <= W] or [((H - size) // 2, (W - size) // 2)]
+    return [x[..., t : t + size, l : l + size] for t, l in corners]
+
+
+@torch.no_grad()
+def run_crop_sizes(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    _, held_out = tr.split_files(lic_common.list_images(args.data_path), 0.1)  # the training script's default split
+    images = [lic_common.load_image(f) for f in held_out]
+    load_args = argparse.Namespace(bk_sdm_path=None, diffusion_steps=None, use_pretrained_vae=None, use_pretrained_unet=None)
+    results = {}
+    for path in args.checkpoints:
+        model = ev.load_learned(path, load_args)
+        row = results.setdefault(path, {})
+        for size in args.sizes:
+            tiles = [t for im in images for t in centre_tiles(im, size, args.grid)]
+            if not tiles:
+                raise ValueError(f"no held-out image of {args.data_path} is {size} px or larger")
+            x = torch.stack(tiles)
+            for mode in ("train", "eval"):
+                model.train(mode == "train")
+                torch.manual_seed(args.seed)  # the proxy's noise
+                out = model(x)
+                bits = sum(-l.double().log2().sum().item() for l in out["likelihoods"].values())
+                row[f"{size}px {mode}"] = {"bpp": bits / x[:, 0].numel(), "psnr": lic_common.psnr(x, out["x_hat"].clamp(0, 1)), "tiles": len(x)}
+        print(path, " | ".join(f"{k}: {v['bpp']:.3f} bpp {v['psnr']:.2f} dB" for k, v in row.items()), flush=True)
+    return results
+
+
 # ---- Training variants ----
 
 
@@ -225,6 +270,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         q = sub.add_parser(name, help=f"{what} with a prototype change (arguments after --)")
         q.add_argument("variant", help="detach, unet-lr:F or scale-prior")
         q.add_argument("script_args", nargs=argparse.REMAINDER, help=f"{what}'s arguments, after --")
+    q = sub.add_parser("crop-sizes", help="rate and PSNR of trained models on held-out tiles of several sizes", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("checkpoints", nargs="+", help="checkpoints evaluate_bk_sdm_compression.py reads")
+    q.add_argument("--data_path", default=str(ROOT.parent / "shared" / "data" / "train"), help="the training images (their held-out share is used)")
+    q.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="tile sizes")
+    q.add_argument("--grid", type=int, default=3, help="tiles from a grid x grid block around each image's centre")
+    q.add_argument("--seed", type=int, default=0, help="seed of the proxy's noise")
+    q.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     q = sub.add_parser("step-times", help="training step times, fp32 and bfloat16", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("--N", type=int, default=64, help="channels")
     q.add_argument("--M", type=int, default=96, help="latent channels")
@@ -243,7 +295,8 @@ def main(argv: list[str]) -> dict:
         lr = float(script_args[script_args.index("--lr") + 1]) if "--lr" in script_args else tr.parse_args(["--data_path", "."]).lr
         apply_variant(args.variant, lr)
         return (tr if args.command == "train" else ev).main(script_args)
-    return {"latents": run_latents, "finetune-decoder": run_finetune_decoder, "step-times": run_step_times}[args.command](args)
+    return {"latents": run_latents, "finetune-decoder": run_finetune_decoder, "crop-sizes": run_crop_sizes,
+            "step-times": run_step_times}[args.command](args)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -268,6 +268,17 @@ def test_codec_probes_measure_latents_finetune_the_decoder_alone_and_train_varia
     assert all(got[n]["latent_mse"] <= 0.25 and got[n]["bpp"] > 0 for n in ("chain", "chain_centroid", "mu0", "dither"))
     assert got["chain_centroid"]["bpp"] == got["chain"]["bpp"] and got["chain"]["latent_mse"] > 0
 
+    image = torch.arange(16.0).view(1, 4, 4)
+    tiles = codec_probes.centre_tiles(image, 2, 2)  # a 2 x 2 grid of 2 px tiles is the whole 4 px image
+    assert len(tiles) == 4 and torch.equal(torch.cat([torch.cat(tiles[:2], 2), torch.cat(tiles[2:], 2)], 1), image)
+    assert [t.shape[-1] for t in codec_probes.centre_tiles(image, 2, 3)] == [2]  # only the centre tile fits
+    assert torch.equal(codec_probes.centre_tiles(image, 3, 2)[0], image[:, :3, :3]) and codec_probes.centre_tiles(image, 5, 1) == []
+    sizes = codec_probes.main(["crop-sizes", ckpt, "--data_path", str(image_dir), "--sizes", "32", "64", "--grid", "2"])[ckpt]
+    assert set(sizes) == {"32px train", "32px eval", "64px train", "64px eval"}
+    assert sizes["32px eval"]["tiles"] == 4 and sizes["64px eval"]["tiles"] == 1  # the held-out image is 72 x 80 px
+    assert all(0 < r["bpp"] < 30 and 0 < r["psnr"] < 60 for r in sizes.values())
+    assert sizes["64px train"]["bpp"] != sizes["64px eval"]["bpp"]  # the proxy's noise against rounding
+
     out = tmp_path / "decoder.pth"
     codec_probes.main(["finetune-decoder", ckpt, str(out), "--data_path", str(image_dir), "--steps", "2", "--crop", "64", "--batch_size", "2"])
     before, after = lic_common.load_checkpoint(ckpt)["state_dict"], lic_common.load_checkpoint(out)["state_dict"]
