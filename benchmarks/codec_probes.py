@@ -14,8 +14,8 @@
   |y| and scales-only h_s inside the codec, mu0 = 0). Checkpoints of ``scale-prior`` are read back
   only through ``evaluate VARIANT -- EVAL_ARGS``, which applies the same change first.
 - ``crop-sizes CKPT [CKPT ...]``: how a trained model's rate and PSNR carry over from the training
-  crop size to larger images: bpp (from the likelihoods) and PSNR on tiles of the held-out
-  photographs at each ``--sizes``, in train mode (the noisy proxy) and eval mode (rounding; the
+  crop size to larger images (and, with ``--split training``, from the images trained on to the
+  held-out ones): bpp (from the likelihoods) and PSNR on tiles of the photographs at each ``--sizes``, in train mode (the noisy proxy) and eval mode (rounding; the
   codec's chain). Any checkpoint ``evaluate_bk_sdm_compression.py`` reads.
 - ``step-times``: seconds of a training step of the codec (4 steps, all and sampled teacher
   forcing; 2 steps; 0 steps) and ``bmshj2018-hyperprior``, interleaved, fp32 and bfloat16.
@@ -159,8 +159,8 @@ def centre_tiles(x: torch.Tensor, size: int, grid: int) -> list[torch.Tensor]:
 @torch.no_grad()
 def run_crop_sizes(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    _, held_out = tr.split_files(lic_common.list_images(args.data_path), 0.1)  # the training script's default split
-    images = [lic_common.load_image(f) for f in held_out]
+    training, held_out = tr.split_files(lic_common.list_images(args.data_path), 0.1)  # the training script's default split
+    images = [lic_common.load_image(f) for f in (held_out if args.split == "held-out" else training)[: args.max_images or None]]
     load_args = argparse.Namespace(bk_sdm_path=None, diffusion_steps=None, use_pretrained_vae=None, use_pretrained_unet=None)
     results = {}
     for path in args.checkpoints:
@@ -169,15 +169,16 @@ def run_crop_sizes(args: argparse.Namespace) -> dict:
         for size in args.sizes:
             tiles = [t for im in images for t in centre_tiles(im, size, args.grid)]
             if not tiles:
-                raise ValueError(f"no held-out image of {args.data_path} is {size} px or larger")
+                raise ValueError(f"no {args.split} image of {args.data_path} is {size} px or larger")
             x = torch.stack(tiles)
             for mode in ("train", "eval"):
                 model.train(mode == "train")
                 torch.manual_seed(args.seed)  # the proxy's noise
                 out = model(x)
                 bits = sum(-l.double().log2().sum().item() for l in out["likelihoods"].values())
-                row[f"{size}px {mode}"] = {"bpp": bits / x[:, 0].numel(), "psnr": lic_common.psnr(x, out["x_hat"].clamp(0, 1)), "tiles": len(x)}
-        print(path, " | ".join(f"{k}: {v['bpp']:.3f} bpp {v['psnr']:.2f} dB" for k, v in row.items()), flush=True)
+                bpp, psnr = bits / x[:, 0].numel(), lic_common.psnr(x, out["x_hat"].clamp(0, 1))
+                row[f"{size}px {mode}"] = {"bpp": bpp, "psnr": psnr, "loss": 10 ** (-psnr / 10) + args.lambda_rate * bpp, "tiles": len(x)}
+        print(path, " | ".join(f"{k}: {v['bpp']:.3f} bpp {v['psnr']:.2f} dB D+lR {v['loss']:.5f}" for k, v in row.items()), flush=True)
     return results
 
 
@@ -272,8 +273,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         q.add_argument("script_args", nargs=argparse.REMAINDER, help=f"{what}'s arguments, after --")
     q = sub.add_parser("crop-sizes", help="rate and PSNR of trained models on held-out tiles of several sizes", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     q.add_argument("checkpoints", nargs="+", help="checkpoints evaluate_bk_sdm_compression.py reads")
-    q.add_argument("--data_path", default=str(ROOT.parent / "shared" / "data" / "train"), help="the training images (their held-out share is used)")
+    q.add_argument("--data_path", default=str(ROOT.parent / "shared" / "data" / "train"), help="the training images")
+    q.add_argument("--split", default="held-out", choices=("held-out", "training"), help="their held-out share (the training script's default split), or the images trained on")
+    q.add_argument("--max_images", type=int, default=0, help="the first this many images of the split (0: all)")
     q.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="tile sizes")
+    q.add_argument("--lambda_rate", type=float, default=1.2e-3, help="lambda of the D + lambda R printed (D: the 8-bit MSE on [0, 1])")
     q.add_argument("--grid", type=int, default=3, help="tiles from a grid x grid block around each image's centre")
     q.add_argument("--seed", type=int, default=0, help="seed of the proxy's noise")
     q.add_argument("--threads", type=int, default=1, help="torch CPU threads")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -276,8 +277,10 @@ def test_codec_probes_measure_latents_finetune_the_decoder_alone_and_train_varia
     sizes = codec_probes.main(["crop-sizes", ckpt, "--data_path", str(image_dir), "--sizes", "32", "64", "--grid", "2"])[ckpt]
     assert set(sizes) == {"32px train", "32px eval", "64px train", "64px eval"}
     assert sizes["32px eval"]["tiles"] == 4 and sizes["64px eval"]["tiles"] == 1  # the held-out image is 72 x 80 px
-    assert all(0 < r["bpp"] < 30 and 0 < r["psnr"] < 60 for r in sizes.values())
+    assert all(0 < r["bpp"] < 30 and 0 < r["psnr"] < 60 and math.isclose(r["loss"], 10 ** (-r["psnr"] / 10) + 1.2e-3 * r["bpp"]) for r in sizes.values())
     assert sizes["64px train"]["bpp"] != sizes["64px eval"]["bpp"]  # the proxy's noise against rounding
+    seen = codec_probes.main(["crop-sizes", ckpt, "--data_path", str(image_dir), "--sizes", "64", "--split", "training", "--max_images", "3"])[ckpt]
+    assert seen["64px eval"]["tiles"] == 3 and seen["64px eval"]["psnr"] != sizes["64px eval"]["psnr"]  # other images
 
     out = tmp_path / "decoder.pth"
     codec_probes.main(["finetune-decoder", ckpt, str(out), "--data_path", str(image_dir), "--steps", "2", "--crop", "64", "--batch_size", "2"])
