@@ -161,16 +161,18 @@ def run_crop_sizes(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     training, held_out = tr.split_files(lic_common.list_images(args.data_path), 0.1)  # the training script's default split
     images = [lic_common.load_image(f) for f in (held_out if args.split == "held-out" else training)[: args.max_images or None]]
+    batches = {}  # size -> the tiles of every image, cut once for all checkpoints
+    for size in args.sizes:
+        tiles = [t for im in images for t in centre_tiles(im, size, args.grid)]
+        if not tiles:
+            raise ValueError(f"no {args.split} image of {args.data_path} is {size} px or larger")
+        batches[size] = torch.stack(tiles)
     load_args = argparse.Namespace(bk_sdm_path=None, diffusion_steps=None, use_pretrained_vae=None, use_pretrained_unet=None)
     results = {}
     for path in args.checkpoints:
         model = ev.load_learned(path, load_args)
         row = results.setdefault(path, {})
-        for size in args.sizes:
-            tiles = [t for im in images for t in centre_tiles(im, size, args.grid)]
-            if not tiles:
-                raise ValueError(f"no {args.split} image of {args.data_path} is {size} px or larger")
-            x = torch.stack(tiles)
+        for size, x in batches.items():
             for mode in ("train", "eval"):
                 model.train(mode == "train")
                 torch.manual_seed(args.seed)  # the proxy's noise
