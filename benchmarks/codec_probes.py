@@ -16,7 +16,8 @@
 - ``crop-sizes CKPT [CKPT ...]``: how a trained model's rate and PSNR carry over from the training
   crop size to larger images (and, with ``--split training``, from the images trained on to the
   held-out ones): bpp (from the likelihoods) and PSNR on tiles of the photographs at each ``--sizes``, in train mode (the noisy proxy) and eval mode (rounding; the
-  codec's chain). Any checkpoint ``evaluate_bk_sdm_compression.py`` reads.
+  codec's chain), and the PSNR of the transforms alone (g_s(g_a(x)), nothing quantized). Any
+  checkpoint ``evaluate_bk_sdm_compression.py`` reads.
 - ``step-times``: seconds of a training step of the codec (4 steps, all and sampled teacher
   forcing; 2 steps; 0 steps) and ``bmshj2018-hyperprior``, interleaved, fp32 and bfloat16.
 
@@ -157,6 +158,15 @@ def centre_tiles(x: torch.Tensor, size: int, grid: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def transforms_psnr(model: nn.Module, x: torch.Tensor) -> float:
+    """PSNR of g_s(g_a(x)), the latent not quantized: what the learned transforms reconstruct
+    apart from the entropy model and the quantizer (any model with ``g_a`` and ``g_s``; the codec pads)."""
+    pad = getattr(model, "_pad", lambda v: v)
+    x_hat = model.g_s(model.g_a(pad(x))).float()[..., : x.shape[-2], : x.shape[-1]]
+    return lic_common.psnr(x, x_hat.clamp(0, 1))
+
+
+@torch.no_grad()
 def run_crop_sizes(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     training, held_out = tr.split_files(lic_common.list_images(args.data_path), 0.1)  # the training script's default split
@@ -180,7 +190,9 @@ def run_crop_sizes(args: argparse.Namespace) -> dict:
                 bits = sum(-l.double().log2().sum().item() for l in out["likelihoods"].values())
                 bpp, psnr = bits / x[:, 0].numel(), lic_common.psnr(x, out["x_hat"].clamp(0, 1))
                 row[f"{size}px {mode}"] = {"bpp": bpp, "psnr": psnr, "loss": 10 ** (-psnr / 10) + args.lambda_rate * bpp, "tiles": len(x)}
-        print(path, " | ".join(f"{k}: {v['bpp']:.3f} bpp {v['psnr']:.2f} dB D+lR {v['loss']:.5f}" for k, v in row.items()), flush=True)
+            row[f"{size}px transforms"] = {"psnr": transforms_psnr(model, x), "tiles": len(x)}
+        print(path, " | ".join(f"{k}: {v['psnr']:.2f} dB" if "bpp" not in v else f"{k}: {v['bpp']:.3f} bpp {v['psnr']:.2f} dB D+lR {v['loss']:.5f}"
+                               for k, v in row.items()), flush=True)  # fmt: skip
     return results
 
 

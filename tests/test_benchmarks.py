@@ -275,9 +275,14 @@ def test_codec_probes_measure_latents_finetune_the_decoder_alone_and_train_varia
     assert [t.shape[-1] for t in codec_probes.centre_tiles(image, 2, 3)] == [2]  # only the centre tile fits
     assert torch.equal(codec_probes.centre_tiles(image, 3, 2)[0], image[:, :3, :3]) and codec_probes.centre_tiles(image, 5, 1) == []
     sizes = codec_probes.main(["crop-sizes", ckpt, "--data_path", str(image_dir), "--sizes", "32", "64", "--grid", "2"])[ckpt]
-    assert set(sizes) == {"32px train", "32px eval", "64px train", "64px eval"}
+    assert set(sizes) == {f"{s}px {m}" for s in (32, 64) for m in ("train", "eval", "transforms")}
     assert sizes["32px eval"]["tiles"] == 4 and sizes["64px eval"]["tiles"] == 1  # the held-out image is 72 x 80 px
-    assert all(0 < r["bpp"] < 30 and 0 < r["psnr"] < 60 and math.isclose(r["loss"], 10 ** (-r["psnr"] / 10) + 1.2e-3 * r["bpp"]) for r in sizes.values())
+    coded = [r for k, r in sizes.items() if not k.endswith("transforms")]
+    assert all(0 < r["bpp"] < 30 and 0 < r["psnr"] < 60 and math.isclose(r["loss"], 10 ** (-r["psnr"] / 10) + 1.2e-3 * r["bpp"]) for r in coded)
+    assert 0 < sizes["64px transforms"]["psnr"] < 60 and sizes["64px transforms"]["psnr"] != sizes["64px eval"]["psnr"]  # nothing quantized
+    identity = torch.nn.Module()
+    identity.g_a, identity.g_s = torch.nn.Identity(), torch.nn.Sequential(torch.nn.Identity())
+    assert codec_probes.transforms_psnr(identity, torch.rand(1, 3, 8, 8)) == float("inf")  # g_s(g_a(x)) is compared with x itself
     assert sizes["64px train"]["bpp"] != sizes["64px eval"]["bpp"]  # the proxy's noise against rounding
     seen = codec_probes.main(["crop-sizes", ckpt, "--data_path", str(image_dir), "--sizes", "64", "--split", "training", "--max_images", "3"])[ckpt]
     assert seen["64px eval"]["tiles"] == 3 and seen["64px eval"]["psnr"] != sizes["64px eval"]["psnr"]  # other images
