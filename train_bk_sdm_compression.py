@@ -410,6 +410,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--decoder_ste_from", type=float, default=None, help="codec: from this fraction of training on, the synthesis transform trains on the rounded latent (straight-through) instead of the noisy proxy (default: never)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision (autocast; entropy models stay fp32) on CUDA and on the CPU")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="NHWC memory format for the model and batches (1.2x a bfloat16 step on this project's CPU)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the training forward pass (the first steps compile: minutes on a CPU)")
     g.add_argument("--amp_dtype", default="bfloat16", choices=("bfloat16", "float16"), help="autocast dtype (the CPU takes bfloat16 only)")
 
     g = p.add_argument_group("data")
@@ -550,8 +551,12 @@ class Trainer:
         return train, val
 
     def _wrap_ddp(self) -> nn.Module:
-        if self.world == 1:
-            return self.model
+        """The module the training steps call: the model, in DDP with several processes, compiled
+        with ``--compile``. Checkpoints and validation use ``self.model`` itself."""
+        net = self.model if self.world == 1 else self._ddp()
+        return torch.compile(net) if self.args.compile else net
+
+    def _ddp(self) -> nn.Module:
         # the quantiles train on the auxiliary loss alone, identical on every rank: keep them out
         # of DDP's gradient reduction; the entropy coder's tables are rebuilt, not broadcast
         ignore = [n for n, _ in self.model.named_parameters() if n.endswith("quantiles")]

@@ -19,7 +19,8 @@
   codec's chain), and the PSNR of the transforms alone (g_s(g_a(x)), nothing quantized). Any
   checkpoint ``evaluate_bk_sdm_compression.py`` reads.
 - ``step-times``: seconds of a training step of the codec (4 steps, all and sampled teacher
-  forcing; 2 steps; 0 steps) and ``bmshj2018-hyperprior``, interleaved, fp32 and bfloat16.
+  forcing; 2 steps; 0 steps) and ``bmshj2018-hyperprior``, interleaved, fp32 and bfloat16
+  (``--precisions``); with ``--compile``, also torch.compile'd copies.
 
     python benchmarks/codec_probes.py latents reference_checkpoints/diffusion-hyperprior-lambda0.0012.pth
     python benchmarks/codec_probes.py finetune-decoder reference_checkpoints/diffusion-hyperprior-lambda0.0012.pth OUT.pth
@@ -30,6 +31,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import sys
@@ -245,13 +247,16 @@ def run_step_times(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
     results = {}
-    for amp in (False, True):
+    for amp in (p == "bfloat16" for p in args.precisions):
         torch.manual_seed(0)
         models = {}
         for name, steps, forcing in (("codec, 4 steps", 4, "all"), ("codec, 4 steps, sampled", 4, "sampled"), ("codec, 2 steps", 2, "all"), ("codec, 0 steps", 0, "all")):
             models[name] = bk.create_diffusion_hyperprior_model(N=args.N, M=args.M, diffusion_steps=steps, unet_channels=args.unet_channels)
             models[name].teacher_forcing = forcing
         models["bmshj2018-hyperprior"] = tr.build_model({"architecture": "bmshj2018-hyperprior", "N": args.N, "M": args.M})
+        if args.compile:  # compiled copies, as train_bk_sdm_compression.py --compile trains (the first step compiles)
+            for name in ("codec, 4 steps", "codec, 0 steps", "bmshj2018-hyperprior"):
+                models[f"{name}, compiled"] = torch.compile(copy.deepcopy(models[name]))
         times = tr.time_training_steps(models, tr.RateDistortionLoss(1.2e-3), x, args.timing_steps, lr=5e-4, amp=amp)
         label = "bfloat16" if amp else "fp32"
         results[label] = {name: min(t[1:]) for name, t in times.items()}  # the first step warms up
@@ -302,6 +307,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     q.add_argument("--batch_size", type=int, default=8, help="batch size")
     q.add_argument("--image_size", type=int, default=128, help="crop size")
     q.add_argument("--timing_steps", type=int, default=15, help="timed steps per model (the first warms up)")
+    q.add_argument("--precisions", nargs="+", default=["fp32", "bfloat16"], choices=("fp32", "bfloat16"), help="fp32, and/or bfloat16 autocast")
+    q.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="also time torch.compile'd copies of the codec (4 and 0 steps) and bmshj2018-hyperprior")
     q.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return p.parse_args(argv)
 

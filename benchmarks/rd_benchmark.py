@@ -55,7 +55,7 @@ CURVES = (*CODEC_CURVES, *COMPRESSAI_CURVES)  # training order within a rate poi
 
 
 def curve_flags(curve: str, args: argparse.Namespace) -> list[str]:
-    amp = ["--amp" if args.amp else "--no-amp"]
+    amp = ["--amp" if args.amp else "--no-amp", "--compile" if args.compile else "--no-compile"]
     if curve in COMPRESSAI_CURVES:
         return ["--model", curve, *amp]
     steps = args.diffusion_steps if curve == "diffusion-hyperprior" else 0
@@ -78,7 +78,7 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
     ``step_budgets.json`` with the sizes it was measured for; other sizes are timed again.
     """
     path = Path(args.results_dir) / "step_budgets.json"
-    setup = {k: getattr(args, k) for k in ("N", "M", "diffusion_steps", "unet_channels", "latent_denoise", "teacher_forcing", "image_size", "batch_size", "budget_minutes", "amp")}
+    setup = {k: getattr(args, k) for k in ("N", "M", "diffusion_steps", "unet_channels", "latent_denoise", "teacher_forcing", "image_size", "batch_size", "budget_minutes", "amp", "compile")}
     setup["curves"] = list(CURVES)
     setup["device"] = device_name(args.device)
     if path.is_file():
@@ -91,6 +91,8 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
         train_args = tr.parse_args(["--data_path", ".", "--N", str(args.N), "--M", str(args.M), *curve_flags(curve, args)])
         torch.manual_seed(args.seed)
         models[curve] = tr.set_training_options(tr.build_model(tr.model_config(train_args)), train_args).to(args.device)
+        if args.compile:  # timed as it trains (the first, compiling step is not counted)
+            models[curve] = torch.compile(models[curve])
     criterion = tr.RateDistortionLoss(args.lambdas[0])
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=args.device)
     times = tr.time_training_steps(models, criterion, x, args.timing_steps, lr=args.lr, amp=args.amp)
@@ -401,6 +403,7 @@ def parse_args(argv):
     p.add_argument("--latent_denoise", action=argparse.BooleanOptionalAction, default=False, help="train the codec with the final denoising step (measured without it too)")
     p.add_argument("--teacher_forcing", default="all", choices=("all", "sampled"), help="the codec's teacher forcing: every reverse step per image, or one sampled step (see train_bk_sdm_compression.py)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="train every model under bfloat16 autocast (entropy models in fp32)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="train every model with torch.compile (step budgets timed compiled)")
     p.add_argument("--image_size", type=int, default=128, help="training crop (64 px crops give 4x4 latents, where every context is all border)")
     p.add_argument("--batch_size", type=int, default=8, help="batch size")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (warm-up, then cosine over the budget)")

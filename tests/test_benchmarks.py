@@ -52,6 +52,8 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
     assert budgets["steps"]["diffusion-hyperprior"] == max(1, int(0.18 / budgets["seconds_per_step"]["diffusion-hyperprior"]))
     assert "--diffusion_steps 0" in done["command"] and done["step"] == budgets["steps"]["no-diffusion"] >= 1
     assert "--device cpu" in done["command"] and budgets["setup"]["device"] == "cpu"  # budgets are per device
+    assert "--no-compile" in done["command"] and budgets["setup"]["compile"] is False  # and per compilation
+    assert "--compile" in rd_benchmark.curve_flags("diffusion-hyperprior", rd_benchmark.parse_args(argv + ["--compile"]))
     # the slim files it measures stay with its runs (RUNS_DIR/slim): the shipped reference_checkpoints/ are not its to replace
     slim = tmp_path / "runs" / "slim"
     shipped = sorted(p.name for p in slim.iterdir())
@@ -298,3 +300,17 @@ def test_codec_probes_measure_latents_finetune_the_decoder_alone_and_train_varia
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "detach" / "best_checkpoint.pth").is_file()
+
+
+def test_codec_probes_step_times_time_every_variant(monkeypatch):
+    """``step-times``: a positive time for each model and precision asked for; ``--compile`` adds
+    the compiled copies (a stand-in for torch.compile here: a real one takes minutes)."""
+    import codec_probes
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
+    tiny = ["step-times", "--N", "8", "--M", "8", "--unet_channels", "8", "--batch_size", "2", "--image_size", "64", "--timing_steps", "2"]
+    got = codec_probes.main([*tiny, "--precisions", "fp32", "--compile"])
+    assert set(got) == {"fp32"} and len(compiled) == 3
+    assert {"codec, 4 steps", "codec, 0 steps, compiled", "bmshj2018-hyperprior, compiled"} <= set(got["fp32"])
+    assert all(t > 0 for t in got["fp32"].values()) and len(got["fp32"]) == 8

@@ -208,6 +208,37 @@ def test_sampled_teacher_forcing_trains_one_unet_pass_per_image(image_dir, tmp_p
         tr.parse_args(["--data_path", ".", "--teacher_forcing", "sampled", "--decoder_ste_from", "0.5"])
 
 
+def test_compile_trains_through_the_compiled_module_and_saves_the_plain_one(image_dir, tmp_path, monkeypatch):
+    """``--compile``: the training steps call what ``torch.compile`` returned (a stand-in here: a
+    real compile takes minutes on a CPU; the slow test below runs one), and the checkpoints hold
+    the model's own state, not the wrapper's (whose keys start with ``_orig_mod.``)."""
+
+    class Compiled(torch.nn.Module):  # what torch.compile returns: the module as ``_orig_mod``
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod, self.calls = module, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self._orig_mod(*args, **kwargs)
+
+    wrappers = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: wrappers.append(Compiled(module)) or wrappers[-1])
+    result = run_train(image_dir, tmp_path / "run", "--epochs", "1", "--compile")
+    assert math.isfinite(result["best_loss"]) and len(wrappers) == 1 and wrappers[0].calls == result["step"] == 3
+    state = lic_common.load_checkpoint(tmp_path / "run" / "last_checkpoint.pth")["state_dict"]
+    assert state.keys() == wrappers[0]._orig_mod.state_dict().keys() and not any("_orig_mod" in k for k in state)
+    run_train(image_dir, tmp_path / "plain", "--epochs", "1")
+    assert len(wrappers) == 1  # off by default
+
+
+@pytest.mark.slow
+def test_compile_really_compiles_and_trains(image_dir, tmp_path):
+    result = run_train(image_dir, tmp_path / "run", "--epochs", "1", "--compile", "--no-amp")
+    assert result["step"] == 3 and math.isfinite(result["best_loss"])
+    assert bk.load_codec(tmp_path / "run" / "best_checkpoint.pth")[0].config.diffusion_steps == 2
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
