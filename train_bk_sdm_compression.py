@@ -506,7 +506,7 @@ class Trainer:
             self._restore(resume_ckpt)
         elif init_ckpt:
             self._load_model_state(init_ckpt["state_dict"])
-        self.ddp = self._wrap_ddp()
+        self.net = self._training_module()
         self.writer, self.log = self._build_outputs()
         if warning := lic_common.cpu_amp_warning(self.device, args.amp):
             self.log.warning(warning)
@@ -550,7 +550,7 @@ class Trainer:
         val = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, **common)
         return train, val
 
-    def _wrap_ddp(self) -> nn.Module:
+    def _training_module(self) -> nn.Module:
         """The module the training steps call: the model, in DDP with several processes, compiled
         with ``--compile``. Checkpoints and validation use ``self.model`` itself."""
         net = self.model if self.world == 1 else self._ddp()
@@ -674,7 +674,7 @@ class Trainer:
         return max(s.step / steps_total, by_time)
 
     def train_one_epoch(self, epoch: int) -> dict:
-        self.ddp.train()
+        self.net.train()
         self.sampler.set_epoch(epoch, skip=self.state.batches_done * self.args.batch_size)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch}", disable=not (self.is_main and self.args.progress),
                    initial=self.state.batches_done, total=len(self.train_loader), dynamic_ncols=True, leave=False)  # fmt: skip
@@ -686,7 +686,7 @@ class Trainer:
             if self.args.decoder_ste_from is not None:
                 self.model.decoder_ste = self.progress() >= self.args.decoder_ste_from
             with self.autocast():
-                out = self.ddp(x)
+                out = self.net(x)
             losses = self.criterion(out, x)
             if not torch.isfinite(losses["loss"]):
                 raise TrainingDiverged(

@@ -55,12 +55,12 @@ CURVES = (*CODEC_CURVES, *COMPRESSAI_CURVES)  # training order within a rate poi
 
 
 def curve_flags(curve: str, args: argparse.Namespace) -> list[str]:
-    amp = ["--amp" if args.amp else "--no-amp", "--compile" if args.compile else "--no-compile"]
+    common = ["--amp" if args.amp else "--no-amp", "--compile" if args.compile else "--no-compile"]
     if curve in COMPRESSAI_CURVES:
-        return ["--model", curve, *amp]
+        return ["--model", curve, *common]
     steps = args.diffusion_steps if curve == "diffusion-hyperprior" else 0
     denoise = ["--latent_denoise" if args.latent_denoise and steps else "--no-latent_denoise"]
-    return ["--diffusion_steps", str(steps), "--unet_channels", str(args.unet_channels), *denoise, *amp,
+    return ["--diffusion_steps", str(steps), "--unet_channels", str(args.unet_channels), *denoise, *common,
             "--teacher_forcing", args.teacher_forcing]
 
 

@@ -17,7 +17,7 @@ from conftest import ROOT, write_image
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
+def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path, monkeypatch):
     import rd_benchmark
 
     kodak = tmp_path / "kodak"
@@ -71,6 +71,11 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path):
     # budgets timed for other sizes are not reused
     rd_benchmark.step_budgets(rd_benchmark.parse_args(argv + ["--batch_size", "3"]))
     assert json.loads((tmp_path / "results" / "step_budgets.json").read_text())["setup"]["batch_size"] == 3
+    # nor budgets timed uncompiled for compiled runs: --compile times every curve's model compiled (a stand-in compile here)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
+    rd_benchmark.step_budgets(rd_benchmark.parse_args(argv + ["--batch_size", "3", "--compile"]))
+    assert len(compiled) == len(rd_benchmark.CURVES) and json.loads((tmp_path / "results" / "step_budgets.json").read_text())["setup"]["compile"]
 
 
 def test_speed_benchmark_reports_ratios(tmp_path):
