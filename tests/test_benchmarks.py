@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -133,6 +134,32 @@ def test_plot_validation_reads_the_training_logs(tmp_path):
     assert curves["A"] == {"step": [100.0, 200.0], "loss": [0.02, 0.015], "bpp": [0.8, 0.7], "psnr": [19.0, 20.0]}
     assert curves["B"]["psnr"] == [20.5, 21.5]
     assert (tmp_path / "v.png").is_file() and json.loads((tmp_path / "v.json").read_text()) == curves
+
+
+def test_plot_validation_counts_steps_in_the_reference_runs(tmp_path):
+    import plot_validation
+
+    def log(name, losses):
+        lines = [f"10:00:00 epoch 0 step {100 * (i + 1)}: train loss 0.1 bpp 0.5 psnr 15.0 | val loss {loss} bpp 0.5 psnr 20.0"
+                 for i, loss in enumerate(losses)]  # fmt: skip
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        return f"{name}={tmp_path / name}"
+
+    fast, slow = log("fast", [0.020, 0.010]), log("slow", [0.020, 0.015, 0.016, 0.009])
+    curves = plot_validation.main(["--output", str(tmp_path / "v.png"), "--reference", "slow", "--every", "100", fast, slow])
+    # the fast run's 0.010 at step 200 takes the slow one until step 400 (its noisy 0.016 does not count)
+    assert curves["fast"]["equivalence"] == [
+        {"step": 100.0, "best_loss": 0.02, "reference_step": 100.0, "ratio": 1.0},
+        {"step": 200.0, "best_loss": 0.01, "reference_step": 400.0, "ratio": 2.0},
+    ]
+    assert "equivalence" not in curves["slow"]
+    other_way = plot_validation.main(["--output", str(tmp_path / "w.png"), "--reference", "fast", "--every", "200", fast, slow])
+    assert other_way["slow"]["equivalence"] == [
+        {"step": 200.0, "best_loss": 0.015, "reference_step": 200.0, "ratio": 1.0},
+        {"step": 400.0, "best_loss": 0.009, "reference_step": None, "ratio": None},  # never reached
+    ]
+    with pytest.raises(SystemExit, match="not one of the runs"):
+        plot_validation.main(["--output", str(tmp_path / "x.png"), "--reference", "nobody", fast, slow])
 
 
 def test_training_speed_reports_every_variant(image_dir, tmp_path):
