@@ -27,6 +27,7 @@ step budgets timed there) as many copies as it holds.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -75,9 +76,18 @@ def step_budgets(args: argparse.Namespace) -> dict[str, int]:
     timed on random data, the three models interleaved, and its fastest time is kept: the minimum
     is what the machine can do when nothing else runs, so the budget does not shrink when other
     work shares the machine (wall and CPU clocks both do: busy OpenMP threads spin). Cached in
-    ``step_budgets.json`` with the sizes it was measured for; other sizes are timed again.
+    ``step_budgets.json`` with the sizes it was measured for; other sizes are timed again. Copies
+    of the command started together time once: the others wait on ``step_budgets.lock`` and read
+    what the first wrote.
     """
     path = Path(args.results_dir) / "step_budgets.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _timed_step_budgets(args, path)
+
+
+def _timed_step_budgets(args: argparse.Namespace, path: Path) -> dict[str, int]:
     setup = {k: getattr(args, k) for k in ("N", "M", "diffusion_steps", "unet_channels", "latent_denoise", "teacher_forcing", "image_size", "batch_size", "budget_minutes", "amp", "compile")}
     setup["curves"] = list(CURVES)
     setup["device"] = device_name(args.device)

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -77,6 +78,32 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path, monkeypatch
     monkeypatch.setattr(torch, "compile", lambda module, **kw: compiled.append(module) or module)
     rd_benchmark.step_budgets(rd_benchmark.parse_args(argv + ["--batch_size", "3", "--compile"]))
     assert len(compiled) == len(rd_benchmark.CURVES) and json.loads((tmp_path / "results" / "step_budgets.json").read_text())["setup"]["compile"]
+
+
+def test_step_budgets_are_timed_once_by_copies_started_together(tmp_path, monkeypatch):
+    import threading
+
+    import rd_benchmark
+
+    timings = []
+
+    def fake_timing(models, criterion, x, steps, **kw):  # slow enough for the copies to overlap
+        timings.append(threading.get_ident())
+        time.sleep(0.3)
+        return {name: [1.0, 0.5] for name in models}
+
+    monkeypatch.setattr(rd_benchmark.tr, "time_training_steps", fake_timing)
+    monkeypatch.setattr(rd_benchmark.tr, "build_model", lambda config: torch.nn.Linear(1, 1))  # nothing else is needed
+    monkeypatch.setattr(rd_benchmark.tr, "set_training_options", lambda model, args: model)
+    args = rd_benchmark.parse_args(["--results_dir", str(tmp_path), "--budget_minutes", "1", "--device", "cpu"])
+    budgets = []
+    copies = [threading.Thread(target=lambda: budgets.append(rd_benchmark.step_budgets(args))) for _ in range(3)]
+    for copy in copies:
+        copy.start()
+    for copy in copies:
+        copy.join()
+    assert len(timings) == 1  # the others waited for the first and read its budgets
+    assert budgets == [{curve: 120 for curve in rd_benchmark.CURVES}] * 3
 
 
 def test_speed_benchmark_reports_ratios(tmp_path):
