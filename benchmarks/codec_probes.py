@@ -21,6 +21,10 @@
 - ``step-times``: seconds of a training step of the codec (4 steps, all and sampled teacher
   forcing; 2 steps; 0 steps) and ``bmshj2018-hyperprior``, interleaved, fp32 and bfloat16
   (``--precisions``); with ``--compile``, also torch.compile'd copies.
+- ``unet-times``: the codec's U-Net alone, forward and backward on random inputs of its shape, at
+  several batch sizes (1; one pass per image; the teacher-forced passes of a training batch),
+  fastest of ``--timing_steps``, and the share of its time spent in convolutions (a profile):
+  what is per-call overhead and what is arithmetic.
 
     python benchmarks/codec_probes.py latents reference_checkpoints/diffusion-hyperprior-lambda0.0012.pth
     python benchmarks/codec_probes.py finetune-decoder reference_checkpoints/diffusion-hyperprior-lambda0.0012.pth OUT.pth
@@ -35,6 +39,7 @@ import copy
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -265,6 +270,37 @@ def run_step_times(args: argparse.Namespace) -> dict:
     return results
 
 
+def run_unet_times(args: argparse.Namespace) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    unet = bk.create_diffusion_hyperprior_model(N=args.N, M=args.M, diffusion_steps=4, unet_channels=args.unet_channels).unet
+    side = args.image_size // 16  # g_a's downsampling
+    in_channels = unet.config.in_channels
+
+    def step(batch: int) -> None:
+        x = torch.randn(batch, in_channels, side, side, requires_grad=True)
+        unet(x, torch.randint(0, bk.SCRATCH_TIMESTEPS, (batch,))).sample.square().mean().backward()
+
+    seconds = {}
+    for batch in args.batches:
+        times = []
+        for _ in range(args.timing_steps):
+            start = time.perf_counter()
+            step(batch)
+            times.append(time.perf_counter() - start)
+        seconds[batch] = min(times[1:])  # the first warms up
+        print(f"U-Net forward + backward, batch {batch:3d} x {in_channels} x {side} x {side}: fastest {1000 * seconds[batch]:.1f} ms")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(max(args.batches))
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    share = sum(e.self_cpu_time_total for e in events if "convolution" in e.key) / total
+    print(f"batch {max(args.batches)}: {100 * share:.0f}% of the time in convolutions")
+    return {"seconds": seconds, "convolution_share": share}
+
+
 # ---- Command line ----
 
 
@@ -310,6 +346,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     q.add_argument("--precisions", nargs="+", default=["fp32", "bfloat16"], choices=("fp32", "bfloat16"), help="fp32, and/or bfloat16 autocast")
     q.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="also time torch.compile'd copies of the codec (4 and 0 steps) and bmshj2018-hyperprior")
     q.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    q = sub.add_parser("unet-times", help="the codec's U-Net alone: forward + backward at several batch sizes", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--N", type=int, default=64, help="channels")
+    q.add_argument("--M", type=int, default=96, help="latent channels")
+    q.add_argument("--unet_channels", type=int, default=32, help="U-Net width")
+    q.add_argument("--image_size", type=int, default=128, help="crop size (the latent is 1/16 of it)")
+    q.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes (8 images x 4 teacher-forced passes = 32)")
+    q.add_argument("--timing_steps", type=int, default=30, help="timed passes per batch size (the first warms up)")
+    q.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return p.parse_args(argv)
 
 
@@ -321,7 +365,7 @@ def main(argv: list[str]) -> dict:
         apply_variant(args.variant, lr)
         return (tr if args.command == "train" else ev).main(script_args)
     return {"latents": run_latents, "finetune-decoder": run_finetune_decoder, "crop-sizes": run_crop_sizes,
-            "step-times": run_step_times}[args.command](args)  # fmt: skip
+            "step-times": run_step_times, "unet-times": run_unet_times}[args.command](args)  # fmt: skip
 
 
 if __name__ == "__main__":

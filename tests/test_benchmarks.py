@@ -361,6 +361,15 @@ def test_codec_probes_measure_latents_finetune_the_decoder_alone_and_train_varia
     assert (tmp_path / "detach" / "best_checkpoint.pth").is_file()
 
 
+def test_codec_probes_unet_times_time_every_batch():
+    import codec_probes
+
+    result = codec_probes.main(["unet-times", "--N", "8", "--M", "8", "--unet_channels", "8", "--image_size", "64",
+                                "--batches", "1", "3", "--timing_steps", "2"])  # fmt: skip
+    assert set(result["seconds"]) == {1, 3} and all(t > 0 for t in result["seconds"].values())
+    assert 0 < result["convolution_share"] < 1
+
+
 def test_codec_probes_step_times_time_every_variant(monkeypatch):
     """``step-times``: a positive time for each model and precision asked for; ``--compile`` adds
     the compiled copies (a stand-in for torch.compile here: a real one takes minutes)."""
