@@ -304,6 +304,14 @@ def run_unet_times(args: argparse.Namespace) -> dict:
 # ---- Command line ----
 
 
+def _add_model_size_args(q: argparse.ArgumentParser) -> None:
+    """The sizes the timing subcommands build their models at (the RD benchmark's)."""
+    q.add_argument("--N", type=int, default=64, help="channels")
+    q.add_argument("--M", type=int, default=96, help="latent channels")
+    q.add_argument("--unet_channels", type=int, default=32, help="U-Net width")
+    q.add_argument("--image_size", type=int, default=128, help="crop size (the latent is 1/16 of it)")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -337,20 +345,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     q.add_argument("--seed", type=int, default=0, help="seed of the proxy's noise")
     q.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     q = sub.add_parser("step-times", help="training step times, fp32 and bfloat16", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    q.add_argument("--N", type=int, default=64, help="channels")
-    q.add_argument("--M", type=int, default=96, help="latent channels")
-    q.add_argument("--unet_channels", type=int, default=32, help="U-Net width")
+    _add_model_size_args(q)
     q.add_argument("--batch_size", type=int, default=8, help="batch size")
-    q.add_argument("--image_size", type=int, default=128, help="crop size")
     q.add_argument("--timing_steps", type=int, default=15, help="timed steps per model (the first warms up)")
     q.add_argument("--precisions", nargs="+", default=["fp32", "bfloat16"], choices=("fp32", "bfloat16"), help="fp32, and/or bfloat16 autocast")
     q.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="also time torch.compile'd copies of the codec (4 and 0 steps) and bmshj2018-hyperprior")
     q.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     q = sub.add_parser("unet-times", help="the codec's U-Net alone: forward + backward at several batch sizes", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    q.add_argument("--N", type=int, default=64, help="channels")
-    q.add_argument("--M", type=int, default=96, help="latent channels")
-    q.add_argument("--unet_channels", type=int, default=32, help="U-Net width")
-    q.add_argument("--image_size", type=int, default=128, help="crop size (the latent is 1/16 of it)")
+    _add_model_size_args(q)
     q.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="batch sizes (8 images x 4 teacher-forced passes = 32)")
     q.add_argument("--timing_steps", type=int, default=30, help="timed passes per batch size (the first warms up)")
     q.add_argument("--threads", type=int, default=1, help="torch CPU threads")

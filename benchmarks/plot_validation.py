@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from itertools import accumulate
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,26 +38,34 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def _best_so_far(losses: list[float]) -> list[float]:
-    best, out = float("inf"), []
-    for loss in losses:
-        best = min(best, loss)
-        out.append(best)
-    return out
-
-
 def step_equivalence(curve: dict, reference: dict, every: int) -> list[dict]:
     """At the curve's validation steps that are multiples of ``every``: its best validation loss
     so far, the first reference step whose best so far is as low (None where the reference never
     gets there), and their ratio (reference steps per step of the curve)."""
-    ref_best = _best_so_far(reference["loss"])
+    ref_best = list(accumulate(reference["loss"], min))
     rows = []
-    for step, best in zip(curve["step"], _best_so_far(curve["loss"])):
+    for step, best in zip(curve["step"], accumulate(curve["loss"], min)):
         if step % every:
             continue
         t = next((r for r, b in zip(reference["step"], ref_best) if b <= best), None)
         rows.append({"step": step, "best_loss": best, "reference_step": t, "ratio": t / step if t is not None else None})
     return rows
+
+
+def report_equivalence(curves: dict, reference: str, every: int) -> None:
+    """Add and print ``step_equivalence`` against ``curves[reference]`` for every other curve."""
+    if reference not in curves:
+        raise SystemExit(f"error: --reference {reference!r} is not one of the runs' labels {sorted(curves)}")
+    for label, c in curves.items():
+        if label == reference:
+            continue
+        c["equivalence"] = step_equivalence(c, curves[reference], every)
+        print(f"\n{label}: steps of {reference} that reach its best validation loss so far")
+        print(f"{'step':>8} {'best loss':>10} {'reference step':>15} {'ratio':>6}")
+        for row in c["equivalence"]:
+            t = f"{row['reference_step']:.0f}" if row["reference_step"] is not None else "not reached"
+            ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+            print(f"{row['step']:>8.0f} {row['best_loss']:>10.6f} {t:>15} {ratio:>6}")
 
 
 def main(argv) -> dict:
@@ -75,18 +84,7 @@ def main(argv) -> dict:
         last = f"step {c['step'][-1]:.0f}: loss {c['loss'][-1]:.4f} bpp {c['bpp'][-1]:.3f} psnr {c['psnr'][-1]:.2f}" if c["step"] else "no validation"
         print(f"{label:>32}  {last}")
     if args.reference is not None:
-        if args.reference not in curves:
-            raise SystemExit(f"error: --reference {args.reference!r} is not one of the runs' labels {sorted(curves)}")
-        for label, c in curves.items():
-            if label == args.reference:
-                continue
-            c["equivalence"] = step_equivalence(c, curves[args.reference], args.every)
-            print(f"\n{label}: steps of {args.reference} that reach its best validation loss so far")
-            print(f"{'step':>8} {'best loss':>10} {'reference step':>15} {'ratio':>6}")
-            for row in c["equivalence"]:
-                t = f"{row['reference_step']:.0f}" if row["reference_step"] is not None else "not reached"
-                ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
-                print(f"{row['step']:>8.0f} {row['best_loss']:>10.6f} {t:>15} {ratio:>6}")
+        report_equivalence(curves, args.reference, args.every)
     Path(args.output).with_suffix(".json").write_text(json.dumps(curves, indent=2))
     return curves
 
