@@ -60,7 +60,9 @@ Command line (a checkpoint written by ``train_bk_sdm_compression.py``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -70,7 +72,8 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from types import SimpleNamespace
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -87,7 +90,7 @@ from diffusers import UNet2DModel
 # ---- Configuration ----
 
 ARCHITECTURE = "diffusion-hyperprior"
-CODEC_FORMAT = 2  # 1: the Gaussian DDIM prior of before; its checkpoints are refused with a message
+CODEC_FORMAT = 3  # 1: the Gaussian DDIM prior; 2: the float entropy model (convert it: ``convert``)
 ENTROPY_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")  # derived by update()
 MODES = ("residual", "z_only")
 REVEALS = ("checkerboard", "channels")
@@ -272,6 +275,18 @@ class FastGaussianConditional(GaussianConditional):
         cdfs = self._quantized_cdf[used, : int(lengths.max())]
         return remapped.int().tolist(), cdfs.tolist(), lengths.tolist(), self._offset[used].tolist()
 
+    def encode_symbols(self, symbols: torch.Tensor, indexes: torch.Tensor) -> bytes:
+        """Integer symbols (n,) with their scale-table indexes (n,) -> one string."""
+        self._check_cdf_size()
+        idx, cdfs, lengths, offsets = self._used_tables(indexes)
+        return self.entropy_coder.encode_with_indexes(symbols.reshape(-1).int().tolist(), idx, cdfs, lengths, offsets)
+
+    def decode_symbols(self, string: bytes, indexes: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``encode_symbols``: int64 symbols (n,), on the CPU."""
+        self._check_cdf_size()
+        idx, cdfs, lengths, offsets = self._used_tables(indexes)
+        return torch.tensor(self.entropy_coder.decode_with_indexes(string, idx, cdfs, lengths, offsets), dtype=torch.int64)
+
     def compress(self, inputs: torch.Tensor, indexes: torch.Tensor, means: torch.Tensor | None = None) -> list[bytes]:
         if inputs.size() != indexes.size():
             raise ValueError("`inputs` and `indexes` should have the same size.")
@@ -349,6 +364,593 @@ def adapt_pretrained_unet(unet: nn.Module, M: int) -> None:
     unet.conv_out = _zero_conv_like(unet.conv_out, unet.conv_out.in_channels, 2 * M)
 
 
+# ---- Exact integer entropy model ----
+#
+# Everything that decides the entropy coder's parameters (the hyper-decoder h_s, the U-Net of the
+# reverse steps and of the denoising step, the means and the scale indexes they give) runs in
+# integer arithmetic, after Ballé, Johnston & Minnen 2019 ("Integer networks for data compression
+# with latent-variable models") and JPEG AI's reference decoder: a value is an int64 q standing for
+# q * 2**-f, with one exponent f per tensor, calibrated on training crops. Convolutions multiply
+# integers below 2**19 by per-output-channel integer weights below 2**15, so with at most 2**18
+# terms every partial sum is an integer below 2**52: float64 computes them exactly in any order
+# (threads, BLAS blocking, CPU or GPU), and im2col+GEMM is forced (cuDNN's FFT and Winograd
+# algorithms are not exact). Everything else is integer: shifts, floor division, an exact integer
+# square root for GroupNorm, tables for SiLU and log made with ``decimal`` (correctly rounded, the
+# same on every machine). The timestep enters as per-step integer tables (the U-Net's timestep
+# MLP folded into GroupNorm's affine), computed once by ``update()`` and stored in the
+# checkpoint with the entropy coder's CDF tables, so a decoder recomputes nothing in floating
+# point. The coder's scale index comes from an integer log-scale and stored integer thresholds.
+
+ACT_BITS = 20  # activations: |q| < 2**(ACT_BITS - 1)
+ACT_MAX = 2 ** (ACT_BITS - 1) - 1
+WEIGHT_BITS = 16  # weights: |w| <= 2**(WEIGHT_BITS - 1), per output channel
+EXACT_SUM_LIMIT = 2**52  # float64 holds every integer below 2**53; one bit spare
+WEIGHT_EXPONENT_MAX = 40
+LOG_BITS = 24  # log-scales and the function tables: fraction bits
+SILU_RANGE, SILU_STEP_BITS = 16, 6  # SiLU table over [-16, 16], step 2**-6, interpolated linearly
+LN_MANTISSA_BITS = 12  # ln table over [1, 2), 4096 entries
+NORM_BITS, NORM_EXTRA_BITS, VAR_SHIFT = 16, 12, 4  # GroupNorm: output fraction bits, precision
+LEAKY_SLOPE_BITS = 16
+HEADROOM = 4  # calibration: the largest value seen uses a quarter of the range
+DEFAULT_EXPONENT = 12  # an uncalibrated point holds [-128, 128) in steps of 2**-12
+
+
+def _decimal_table(fn, xs) -> torch.Tensor:
+    """round(fn(x) * 2**LOG_BITS) for Decimal x, with ``decimal`` (correctly rounded everywhere)."""
+    from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+
+    with localcontext() as ctx:
+        ctx.prec = 40
+        scale = Decimal(2**LOG_BITS)
+        return torch.tensor([int((fn(x) * scale).to_integral_value(ROUND_HALF_EVEN)) for x in xs], dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _silu_table() -> torch.Tensor:
+    from decimal import Decimal
+
+    n = 2 * SILU_RANGE * 2**SILU_STEP_BITS + 1
+    xs = [Decimal(i) / 2**SILU_STEP_BITS - SILU_RANGE for i in range(n)]
+    return _decimal_table(lambda x: x / (1 + (-x).exp()), xs)
+
+
+@functools.lru_cache(maxsize=None)
+def _ln_table() -> tuple[torch.Tensor, int]:
+    """ln(1 + i / 2**LN_MANTISSA_BITS), i < 2**LN_MANTISSA_BITS, and ln 2, at LOG_BITS."""
+    from decimal import Decimal
+
+    xs = [1 + Decimal(i) / 2**LN_MANTISSA_BITS for i in range(2**LN_MANTISSA_BITS)]
+    return _decimal_table(lambda x: x.ln(), xs), int(_decimal_table(lambda x: x.ln(), [Decimal(2)])[0])
+
+
+def _shift(q: torch.Tensor, s) -> torch.Tensor:
+    """q * 2**-s rounded (half up); s an int or an int64 tensor broadcastable to q, any sign."""
+    if not torch.is_tensor(s):
+        return q << -s if s <= 0 else (q + (1 << (s - 1))) >> s
+    left, right = (-s).clamp(min=0), s.clamp(min=0)
+    half = torch.bitwise_left_shift(torch.ones_like(right), right) >> 1
+    return ((q << left) + half) >> right
+
+
+def _div(a: torch.Tensor, b) -> torch.Tensor:
+    """a / b rounded (half up), integers, b > 0."""
+    return torch.div(2 * a + b, 2 * b, rounding_mode="floor")
+
+
+def _isqrt(v: torch.Tensor) -> torch.Tensor:
+    """floor(sqrt(v)) of non-negative int64 values below 2**62, exactly (the float guess corrected)."""
+    r = v.double().sqrt().floor().long()
+    for _ in range(2):
+        r = r - (r * r > v).long()
+        r = r + ((r + 1) * (r + 1) <= v).long()
+    return r
+
+
+def _pow2(e) -> torch.Tensor | float:
+    """2**e as float64, exactly (no pow())."""
+    if torch.is_tensor(e):
+        return torch.where(e >= 0, (1 << e.clamp(min=0)).double(), 1 / (1 << (-e).clamp(min=0)).double())
+    return float(1 << e) if e >= 0 else 1 / float(1 << -e)
+
+
+def _exponent_for(maximum: float, limit: int = ACT_MAX) -> int:
+    """The largest f with maximum * HEADROOM * 2**f <= limit (calibration, encoder side only)."""
+    if maximum <= 0:
+        return DEFAULT_EXPONENT
+    return int(max(0, min(30, math.floor(math.log2(limit / (HEADROOM * maximum))))))
+
+
+@contextlib.contextmanager
+def _exact_convolutions():
+    """im2col + GEMM for float64 convolutions: no cuDNN (its FFT / Winograd algorithms round; oneDNN
+    has no float64 convolution, and TF32 does not touch float64)."""
+    with torch.backends.cudnn.flags(enabled=False):
+        yield
+
+
+class ExactError(RuntimeError):
+    """A model or configuration that has no exact integer form."""
+
+
+class _FloatOps:
+    """The integer network's operations in floating point, recording each point's largest
+    magnitude: the calibration pass (and, in tests, the check that the walk is the float model)."""
+
+    def __init__(self, steps: dict | None = None):
+        self.maxima: dict[str, float] = {}
+        self.temb = steps  # {id(resnet): (scale, shift)} for the current timestep
+
+    def _seen(self, name, x):
+        self.maxima[name] = max(self.maxima.get(name, 0.0), float(x.detach().abs().max()))
+        return x
+
+    def input(self, name, x):
+        return self._seen(name, x.double())
+
+    def conv(self, name, x, layer):
+        w, b = layer.weight.double(), layer.bias.double()
+        if isinstance(layer, nn.ConvTranspose2d):
+            y = F.conv_transpose2d(x, w, b, layer.stride, layer.padding, layer.output_padding)
+        else:
+            y = F.conv2d(x, w, b, layer.stride, layer.padding)
+        return self._seen(name, y)
+
+    def norm(self, name, x, norm, time=None):
+        y = F.group_norm(x, norm.num_groups, norm.weight.double(), norm.bias.double(), norm.eps)
+        if time is not None:
+            scale, shift = self.temb[id(time)]
+            y = y * (1 + scale.double()[:, :, None, None]) + shift.double()[:, :, None, None]
+        return self._seen(name, y)
+
+    def silu(self, x):
+        return F.silu(x)
+
+    def leaky(self, x, slope):
+        return F.leaky_relu(x, slope)
+
+    def add(self, name, a, b):
+        return self._seen(name, a + b)
+
+    def cat(self, name, a, b):
+        return self._seen(name, torch.cat([a, b], dim=1))
+
+    def upsample(self, x):
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
+def _hyper_layers(h_s: nn.Sequential) -> int:
+    """How many convolutions h_s has (its last one's point gives the latent's exponent)."""
+    return sum(isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) for layer in h_s)
+
+
+def _walk_hyper(ops, h_s: nn.Sequential, x):
+    """h_s, layer by layer (convolutions, transposed convolutions and LeakyReLUs)."""
+    for i, layer in enumerate(h_s):
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            x = ops.conv(f"hs.{i}", x, layer)
+        elif isinstance(layer, nn.LeakyReLU):
+            x = ops.leaky(x, layer.negative_slope)
+        else:
+            raise ExactError(f"h_s layer {type(layer).__name__} has no exact integer form")
+    return x
+
+
+def _walk_resnet(ops, name, res, x):
+    h = ops.silu(ops.norm(f"{name}.norm1", x, res.norm1))
+    h = ops.conv(f"{name}.conv1", h, res.conv1)
+    h = ops.silu(ops.norm(f"{name}.norm2", h, res.norm2, time=res))
+    h = ops.conv(f"{name}.conv2", h, res.conv2)
+    skip = ops.conv(f"{name}.shortcut", x, res.conv_shortcut) if res.conv_shortcut is not None else x
+    return ops.add(f"{name}.out", skip, h)
+
+
+def _walk_unet(ops, unet, x):
+    """diffusers' ``UNet2DModel.forward`` as the from-scratch U-Net uses it, op by op, the timestep
+    entering through GroupNorm (its MLP folded into per-step tables)."""
+    h = ops.conv("unet.conv_in", x, unet.conv_in)
+    skips = [h]
+    for i, block in enumerate(unet.down_blocks):
+        for j, res in enumerate(block.resnets):
+            h = _walk_resnet(ops, f"unet.down{i}.{j}", res, h)
+            skips.append(h)
+        if block.downsamplers is not None:
+            h = ops.conv(f"unet.down{i}.down", h, block.downsamplers[0].conv)
+            skips.append(h)
+    for j, res in enumerate(unet.mid_block.resnets):
+        h = _walk_resnet(ops, f"unet.mid.{j}", res, h)
+    for i, block in enumerate(unet.up_blocks):
+        for j, res in enumerate(block.resnets):
+            h = _walk_resnet(ops, f"unet.up{i}.{j}", res, ops.cat(f"unet.up{i}.cat{j}", h, skips.pop()))
+        if block.upsamplers is not None:
+            h = ops.conv(f"unet.up{i}.up", ops.upsample(h), block.upsamplers[0].conv)
+    h = ops.silu(ops.norm("unet.norm_out", h, unet.conv_norm_out))
+    return ops.conv("unet.conv_out", h, unet.conv_out)
+
+
+def check_exact_unet(unet: nn.Module) -> None:
+    """``ExactError`` unless ``unet`` is a U-Net the integer walk reproduces (the from-scratch one)."""
+    cfg = unet.config
+    problems = []
+    if not isinstance(unet, UNet2DModel):
+        problems.append(f"{type(unet).__name__} (BK-SDM's pretrained U-Net, with attention)")
+    else:
+        if cfg.resnet_time_scale_shift != "scale_shift" or cfg.act_fn != "silu" or cfg.add_attention:
+            problems.append("timestep norm, activation or attention other than the from-scratch U-Net's")
+        if set(cfg.down_block_types) != {"DownBlock2D"} or set(cfg.up_block_types) != {"UpBlock2D"}:
+            problems.append("blocks other than DownBlock2D / UpBlock2D")
+        if cfg.center_input_sample or cfg.time_embedding_type != "positional" or cfg.class_embed_type is not None:
+            problems.append("input centring, Fourier time or class embeddings")
+        if cfg.downsample_padding != 1 or getattr(cfg, "mid_block_scale_factor", 1) != 1:
+            problems.append("downsample padding or output scale factors other than 1")
+    if problems:
+        raise ExactError("this U-Net has no exact integer form: " + "; ".join(problems))
+
+
+def unet_time_tables(unet: nn.Module, timesteps: torch.Tensor) -> dict:
+    """{id(resnet): (scale, shift)}, (T, C) each: what ``scale_shift`` GroupNorm applies at each
+    of the chain's timesteps (the float model's own computation, run once)."""
+    with torch.no_grad():
+        emb = unet.time_embedding(unet.time_proj(timesteps).to(unet.dtype))
+        out = {}
+        for res in unet.modules():
+            if getattr(res, "time_emb_proj", None) is not None:
+                temb = res.time_emb_proj(res.nonlinearity(emb))
+                out[id(res)] = temb.float().chunk(2, dim=1)
+    return out
+
+
+def _integer_conv(x: torch.Tensor, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """A convolution of integer-valued float64 tensors (``layer`` gives stride and padding),
+    exact. A 3x3 stride-1 convolution that narrows the channels is one GEMM of the nine taps
+    followed by shifted additions: no im2col buffer (4-5x faster for the U-Net's input layer)."""
+    B, C, H, W = x.shape
+    O = weight.shape[0]
+    if isinstance(layer, nn.ConvTranspose2d):
+        with _exact_convolutions():
+            return F.conv_transpose2d(x, weight, None, layer.stride, layer.padding, layer.output_padding)
+    if tuple(layer.kernel_size) != (3, 3) or tuple(layer.stride) != (1, 1) or tuple(layer.padding) != (1, 1) or C < 2 * O:
+        with _exact_convolutions():
+            return F.conv2d(x, weight, None, layer.stride, layer.padding)
+    taps = torch.matmul(weight.permute(2, 3, 0, 1).reshape(9 * O, C), x.reshape(B, C, H * W)).view(B, 3, 3, O, H, W)
+    out = taps[:, 1, 1].clone()
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                out[:, :, max(0, -dy) : H - max(0, dy), max(0, -dx) : W - max(0, dx)] += taps[
+                    :, dy + 1, dx + 1, :, max(0, dy) : H - max(0, -dy), max(0, dx) : W - max(0, -dx)
+                ]
+    return out
+
+
+class _IntOps:
+    """The integer network's operations: values are (q, f), int64 q standing for q * 2**-f."""
+
+    def __init__(self, exact: "ExactPrior", rows: torch.Tensor | None = None, first_acc: torch.Tensor | None = None):
+        self.ex = exact
+        self.rows = rows  # (B,) the timestep row of each image's per-step tables
+        self.first_acc = first_acc  # the U-Net input layer's sums, when ExactPrior.predict made them
+
+    def input(self, name, x):
+        raise AssertionError("integer inputs are built by ExactPrior")
+
+    def conv(self, name, x, layer):
+        q, f = x
+        p = self.ex.convs[name]
+        assert f == p["f_in"], f"{name}: input exponent {f}, the tables were built for {p['f_in']}"
+        if name == "unet.conv_in" and self.first_acc is not None:
+            acc = self.first_acc
+        else:
+            acc = _integer_conv(q.double(), p["weight"], layer).long()
+        if p["left"] is not None:
+            acc = acc << p["left"]
+        return ((acc + p["bias_half"]) >> p["right"]).clamp(-ACT_MAX, ACT_MAX), p["f_out"]
+
+    def norm(self, name, x, norm, time=None):
+        q, f = x
+        t = self.ex.norms[name]
+        B, C, H, W = q.shape
+        g = q.reshape(B, norm.num_groups, -1)
+        n = g.shape[-1]
+        c = g - _div(g.sum(-1, keepdim=True), n)
+        cs = _shift(c, VAR_SHIFT)
+        var = torch.div((cs * cs).sum(-1, keepdim=True), n, rounding_mode="floor")  # at 2 (f - VAR_SHIFT)
+        eps = math.ceil(norm.eps * 4.0 ** (f - VAR_SHIFT + NORM_EXTRA_BITS))
+        std = _isqrt((var << 2 * NORM_EXTRA_BITS) + eps)  # at f - VAR_SHIFT + NORM_EXTRA_BITS
+        xn = _div(c << (NORM_BITS - VAR_SHIFT + NORM_EXTRA_BITS), std).reshape(B, C, H, W)  # at NORM_BITS
+        rows = self.rows if t["scale"].shape[0] > 1 else torch.zeros_like(self.rows)
+        scale, offset = t["scale"][rows][:, :, None, None], t["offset"][rows][:, :, None, None]
+        out = _shift(xn * scale, NORM_BITS + t["e_scale"] - t["f_out"]) + offset
+        return out.clamp(-ACT_MAX, ACT_MAX), t["f_out"]
+
+    def silu(self, x):
+        q, f = x
+        table = self.ex.silu_table
+        d = f - SILU_STEP_BITS
+        pos = q >> d if d >= 0 else q << -d
+        frac = q - (pos << d) if d >= 0 else torch.zeros_like(q)
+        i = pos + (SILU_RANGE << SILU_STEP_BITS)
+        last = table.numel() - 1
+        ic = i.clamp(0, last - 1)
+        lo = table[ic]
+        value = _shift(lo + _shift((table[ic + 1] - lo) * frac, max(d, 0)), LOG_BITS - f)
+        return torch.where(i >= last, q, torch.where(i < 0, torch.zeros_like(q), value)), f
+
+    def leaky(self, x, slope):
+        q, f = x
+        k = round(slope * 2**LEAKY_SLOPE_BITS)
+        return torch.where(q >= 0, q, _shift(q * k, LEAKY_SLOPE_BITS)), f
+
+    def _to(self, x, f):
+        return _shift(x[0], x[1] - f).clamp(-ACT_MAX, ACT_MAX)
+
+    def add(self, name, a, b):
+        f = self.ex.exponents[name]
+        return (self._to(a, f) + self._to(b, f)).clamp(-ACT_MAX, ACT_MAX), f
+
+    def cat(self, name, a, b):
+        f = self.ex.exponents[name]
+        return torch.cat([self._to(a, f), self._to(b, f)], dim=1), f
+
+    def upsample(self, x):
+        return x[0].repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1), x[1]
+
+
+class ExactPrior(nn.Module):
+    """The integer form of h_s and the U-Net, and what the coder needs from them.
+
+    Built by ``build`` from the float model (its ``update()``), or restored from a checkpoint's
+    ``exact`` entry by ``from_state``; either way ``state()`` is what a checkpoint stores and the
+    integer weights follow from it and the float weights by exact operations only.
+    Latent values are int64 at exponent ``f_latent`` (h_s's output exponent): means, mu0, sigma0
+    and the decoded latent y_hat = symbol * 2**f_latent + mean.
+    """
+
+    def __init__(self, model: "DiffusionHyperprior", state: dict):
+        super().__init__()
+        self.exponents: dict[str, int] = dict(state["exponents"])
+        self.f_latent = self.exponents[_ShapeOps.point_names(model)[_hyper_layers(model.h_s)]]
+        self.f_unet_in = self.exponents.get("unet.in")
+        self.convs, self.norms = {}, {}
+        self.silu_table = _silu_table()
+        self.ln_table, self.ln2 = _ln_table()
+        self.thresholds = state["thresholds"]
+        self.scale_floor = math.ceil(float(model.gaussian_conditional.lower_bound_scale.bound) * 2**self.f_latent)
+        self._int_convs(model.h_s, "hs.", "hs.in")
+        if model.unet is not None and "unet.conv_in" in self.exponents:
+            self._int_convs(model.unet, "unet.", "unet.in")
+            for name, t in state["norms"].items():
+                self.norms[name] = dict(t)
+        self.has_unet = bool(self.norms)
+
+    # -- construction --
+
+    def _int_convs(self, root: nn.Module, prefix: str, first: str) -> None:
+        """Integer weights, biases and output shifts of every convolution the walk meets, from the
+        float weights and the exponents (frexp, scaling by powers of two and rounding: exact)."""
+        ops = _ShapeOps(self.exponents, first)
+        (_walk_hyper if prefix == "hs." else _walk_unet)(ops, root, None)
+        for name, (layer, f_in) in ops.layers.items():
+            w = layer.weight.detach().double()
+            out_dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
+            per_out = w.transpose(0, out_dim).reshape(w.shape[out_dim], -1)
+            terms = per_out.shape[1] // (layer.stride[0] * layer.stride[1] if out_dim else 1)
+            if ACT_MAX * 2 ** (WEIGHT_BITS - 1) * terms >= EXACT_SUM_LIMIT:
+                raise ExactError(f"{name}: {terms} terms per output could exceed float64's exact integers")
+            _, ex = torch.frexp(per_out.abs().amax(1))
+            e = torch.where(per_out.abs().amax(1) > 0, WEIGHT_BITS - 1 - ex.long(), torch.zeros_like(ex.long()))
+            e = e.clamp(max=WEIGHT_EXPONENT_MAX)
+            shape = [1] * w.dim()
+            shape[out_dim] = -1
+            weight = torch.round(w * _pow2(e).view(shape))
+            bias = torch.round(layer.bias.detach().double() * _pow2(e + f_in)).long()
+            f_out = self.exponents[name]
+            shift = e + f_in - f_out  # per output channel; out = round((acc + bias) * 2**-shift)
+            left, right = (-shift).clamp(min=0), shift.clamp(min=0)
+            half = (1 << right) >> 1
+            self.convs[name] = {
+                "weight": weight, "bias_half": ((bias << left) + half)[:, None, None], "right": right[:, None, None],
+                "left": left[:, None, None] if bool(left.any()) else None, "f_in": f_in, "f_out": f_out,
+            }  # fmt: skip
+
+    @staticmethod
+    def build(model: "DiffusionHyperprior", maxima: dict[str, float] | None) -> dict:
+        """The state of a new exact form: exponents (from calibration maxima, else the default),
+        the per-step GroupNorm tables (the timestep MLP folded in) and the scale thresholds."""
+        names = _ShapeOps.point_names(model)
+        exponents = {n: _exponent_for(maxima[n]) if maxima and n in maxima else DEFAULT_EXPONENT for n in names}
+        norms = {}
+        if model.unet is not None and "unet.conv_in" in exponents:
+            times = unet_time_tables(model.unet, model.step_timesteps.to(model.unet.device))
+            norm_layers = _ShapeOps(exponents, "unet.in")
+            _walk_unet(norm_layers, model.unet, None)
+            for name, (norm, time) in norm_layers.norm_layers.items():
+                gamma, beta = norm.weight.detach().double()[None], norm.bias.detach().double()[None]
+                if time is not None:
+                    scale, shift = (t.double().cpu() for t in times[id(time)])
+                    gamma, beta = gamma * (1 + scale), beta * (1 + scale) + shift
+                _, ex = torch.frexp(gamma.abs().max())
+                e_scale = WEIGHT_BITS - 1 - int(ex)
+                norms[name] = {
+                    "scale": torch.round(gamma * 2.0**e_scale).long(),
+                    "offset": torch.round(beta * 2.0 ** exponents[name]).long(),
+                    "e_scale": e_scale,
+                    "f_out": exponents[name],
+                }
+        table = model.gaussian_conditional.scale_table.double()
+        thresholds = torch.floor(table[:-1].log() * 2**LOG_BITS).long()
+        return {"exponents": exponents, "norms": norms, "thresholds": thresholds}
+
+    def state(self) -> dict:
+        return {"exponents": dict(self.exponents), "norms": {k: dict(v) for k, v in self.norms.items()},
+                "thresholds": self.thresholds}  # fmt: skip
+
+    def _apply(self, fn, recurse=True):  # .to(device) moves the integer tables too
+        self.silu_table, self.ln_table, self.thresholds = fn(self.silu_table), fn(self.ln_table), fn(self.thresholds)
+        for table in (*self.convs.values(), *self.norms.values()):
+            for k, v in table.items():
+                if torch.is_tensor(v):
+                    table[k] = fn(v)
+        return super()._apply(fn, recurse)
+
+    # -- the coder's parameters --
+
+    def hyper(self, z_hat: torch.Tensor, h_s: nn.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
+        """z_hat (float, integers plus the bottleneck's medians) -> (mu0, sigma0) at f_latent;
+        sigma0 lower-bounded as the float model bounds it."""
+        f = self.exponents["hs.in"]
+        q = torch.round(z_hat.double() * _pow2(f)).long().clamp(-ACT_MAX, ACT_MAX)
+        out, _ = _walk_hyper(_IntOps(self), h_s, (q, f))
+        sigma0, mu0 = out.chunk(2, dim=1)
+        return mu0, sigma0.clamp(min=self.scale_floor)
+
+    def log(self, s: torch.Tensor) -> torch.Tensor:
+        """ln(s * 2**-f_latent) at LOG_BITS for positive int64 s (exponent by frexp, mantissa table)."""
+        _, e = torch.frexp(s.double())
+        e = e.long() - 1  # 2**e <= s < 2**(e + 1)
+        m = torch.where(e >= LN_MANTISSA_BITS, s >> (e - LN_MANTISSA_BITS).clamp(min=0),
+                        s << (LN_MANTISSA_BITS - e).clamp(min=0))  # the top LN_MANTISSA_BITS + 1 bits
+        return (e - self.f_latent) * self.ln2 + self.ln_table[m - (1 << LN_MANTISSA_BITS)]
+
+    def indexes(self, log_scale: torch.Tensor) -> torch.Tensor:
+        """Scale-table index of each log-scale: the number of thresholds below it."""
+        return torch.searchsorted(self.thresholds, log_scale.contiguous(), right=False)
+
+    def predict(self, unet, state, known, rows, mu0, sigma0, log_sigma0, cache: dict | None = None):
+        """One U-Net pass on the partly revealed latent (int64 at f_latent; ``rows`` (B,) the step
+        of each image) -> (means at f_latent, log-scales at LOG_BITS, mean shift a at f_latent).
+
+        The input layer's sums are split, exactly (integer sums): the hyperprior's half of the
+        input is the same at every step (kept in ``cache``), and channels with nothing revealed
+        contribute zero, so only the revealed channels are convolved."""
+        f, fi = self.f_latent, self.f_unet_in
+        M = state.shape[1]
+        weight, layer = self.convs["unet.conv_in"]["weight"], unet.conv_in
+        cache = {} if cache is None else cache
+        if "hyperprior" not in cache:
+            prior = torch.cat([_shift(mu0, f - fi), _shift(log_sigma0, LOG_BITS - fi)], dim=1).clamp(-ACT_MAX, ACT_MAX)
+            cache["hyperprior"] = _integer_conv(prior.double(), weight[:, 2 * M :], layer).long()
+        acc = cache["hyperprior"]
+        active = known.flatten(2).any(2).any(0).nonzero().flatten()  # channels with something revealed
+        if len(active):
+            innovation = torch.where(known, _div((state - mu0) << fi, sigma0), torch.zeros_like(state))
+            x = torch.cat([innovation[:, active].clamp(-ACT_MAX, ACT_MAX), known[:, active].long() << fi], dim=1)
+            acc = acc + _integer_conv(x.double(), weight[:, torch.cat([active, active + M])], layer).long()
+        out, fo = _walk_unet(_IntOps(self, rows, first_acc=acc), unet, (None, fi))
+        shift, log_factor = out.chunk(2, dim=1)
+        means = (mu0 + _shift(sigma0 * shift, fo)).clamp(-ACT_MAX, ACT_MAX)
+        return means, log_sigma0 + _shift(log_factor, fo - LOG_BITS), _shift(shift, fo - f)
+
+
+class _ShapeOps:
+    """A walk that runs nothing: it names the points, finds each convolution's input exponent and
+    collects the layers (``ExactPrior`` builds its integer tables from it)."""
+
+    def __init__(self, exponents: dict, first: str):
+        self.exponents = exponents
+        self.layers, self.norm_layers = {}, {}
+        self.first = first
+
+    def _f(self, x):
+        return self.exponents[self.first] if x is None else x
+
+    def conv(self, name, x, layer):
+        self.layers[name] = (layer, self._f(x))
+        return self.exponents[name]
+
+    def norm(self, name, x, norm, time=None):
+        self.norm_layers[name] = (norm, time)
+        return self.exponents[name]
+
+    def silu(self, x):
+        return x
+
+    def leaky(self, x, slope):
+        return x
+
+    def add(self, name, a, b):
+        return self.exponents[name]
+
+    cat = add
+
+    def upsample(self, x):
+        return x
+
+    @staticmethod
+    def point_names(model) -> list[str]:
+        names = ["hs.in"] + [f"hs.{i}" for i, l in enumerate(model.h_s) if isinstance(l, (nn.Conv2d, nn.ConvTranspose2d))]
+        if model.unet is not None and isinstance(model.unet, UNet2DModel):
+            rec = _NameOps()
+            _walk_unet(rec, model.unet, None)
+            names += ["unet.in", *rec.names]
+        return names
+
+
+class _NameOps(_ShapeOps):
+    def __init__(self):
+        self.names = []
+
+    def _named(self, name, *_):
+        self.names.append(name)
+
+    def conv(self, name, x, layer):
+        self._named(name)
+
+    def norm(self, name, x, norm, time=None):
+        self._named(name)
+
+    def add(self, name, a, b):
+        self._named(name)
+
+    cat = add
+
+
+class _RecordingHyper(nn.Module):
+    """h_s run through ``_FloatOps`` (calibration)."""
+
+    def __init__(self, h_s: nn.Sequential, ops: _FloatOps):
+        super().__init__()
+        self.inner, self.ops = h_s, ops
+
+    def forward(self, z_hat):
+        return _walk_hyper(self.ops, self.inner, self.ops.input("hs.in", z_hat)).float()
+
+
+class _RecordingUNet(nn.Module):
+    """The from-scratch U-Net run through ``_FloatOps`` (calibration); returns what diffusers' does."""
+
+    def __init__(self, unet: nn.Module, ops: _FloatOps):
+        super().__init__()
+        self.inner, self.ops = unet, ops
+        self.config = unet.config
+
+    def forward(self, x, t, **kwargs):
+        self.ops.temb = unet_time_tables(self.inner, t)
+        return SimpleNamespace(sample=_walk_unet(self.ops, self.inner, self.ops.input("unet.in", x)).float())
+
+
+def _pack_tables(coder: nn.Module) -> dict:
+    """A coder's CDF tables without their padding (rows cut to their lengths)."""
+    cdf, lengths = coder._quantized_cdf.int(), coder._cdf_length.int()
+    flat = torch.cat([cdf[i, : int(n)] for i, n in enumerate(lengths)]) if len(lengths) else cdf.flatten()
+    return {"cdf": flat, "cdf_length": lengths, "offset": coder._offset.int()}
+
+
+def _unpack_tables(coder: nn.Module, packed: dict) -> None:
+    lengths = packed["cdf_length"].int()
+    cdf = torch.zeros(len(lengths), int(lengths.max()) if len(lengths) else 0, dtype=torch.int32)
+    for i, row in enumerate(packed["cdf"].split(lengths.tolist())):
+        cdf[i, : len(row)] = row
+    coder._quantized_cdf, coder._cdf_length, coder._offset = cdf, lengths, packed["offset"].int()
+
+
+def latent_digest(y_q: torch.Tensor, z_hat: torch.Tensor) -> bytes:
+    """8 bytes identifying one image's decoded latent: the integer y_hat and z_hat."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(y_q.detach().cpu().contiguous().numpy().astype("<i8").tobytes())
+    h.update(z_hat.detach().cpu().contiguous().numpy().astype("<f4").tobytes())
+    return h.digest()
+
+
 # ---- The model ----
 
 
@@ -410,6 +1012,10 @@ class DiffusionHyperprior(CompressionModel):
         self.decoder_ste = False
         # training: "all" reveal steps teacher-forced for every image, or one "sampled" per image
         self.teacher_forcing = "all"
+        # the integer form that compress / decompress run (update() or a checkpoint makes it), and
+        # the calibration maxima its exponents come from (None: the default exponents)
+        self.exact: ExactPrior | None = None
+        self.calibration: dict[str, float] | None = None
 
     # -- the masked-diffusion prior --
 
@@ -587,39 +1193,100 @@ class DiffusionHyperprior(CompressionModel):
         x_hat = self.g_s(y_hat)[..., :height, :width]
         return {"x_hat": x_hat, "y": y, "z": z, "y_hat": y_hat, "prediction": means, "scales": scales, "likelihoods": likelihoods}
 
+    def _exact_chain(self, z_hat: torch.Tensor, code_group: Callable) -> torch.Tensor:
+        """The reverse chain in the integer form, as encoder and decoder both run it.
+        ``code_group(k, selected, means, indexes)`` gets group k's integer means and scale indexes
+        ((B, n_k) each) and returns its integer symbols. -> y_hat as int64 at ``exact.f_latent``."""
+        ex = self.exact
+        if ex is None:
+            raise RuntimeError("the model has no exact entropy model yet: call update() (or load a converted checkpoint)")
+        mu0, sigma0 = ex.hyper(z_hat, self.h_s)
+        log_sigma0 = ex.log(sigma0)
+        B, M, h, w = mu0.shape
+        residual = self.config.mode == "residual"
+        if self.inference_steps and not ex.has_unet:
+            raise ExactError("this model's U-Net (BK-SDM's pretrained one) has no exact integer form: "
+                             "code with 0 diffusion steps (--diffusion_steps 0)")  # fmt: skip
+        groups = self.reveal_groups(h, w, mu0.device)
+        state, cache = mu0.clone(), {}
+        for k in range(max(1, self.inference_steps if residual else 1)):
+            selected = groups == k
+            means, log_scales = mu0, log_sigma0
+            if self.inference_steps:
+                rows = torch.full((B,), k, device=mu0.device)
+                known = (groups < k).expand(B, M, h, w)
+                means, log_scales, _ = ex.predict(self.unet, state, known, rows, mu0, sigma0, log_sigma0, cache)
+            if residual:
+                symbols = code_group(k, selected, means[:, selected], ex.indexes(log_scales[:, selected]))
+                state[:, selected] = (symbols.to(state.device) << ex.f_latent) + means[:, selected]
+            else:
+                state[:, selected] = means[:, selected]
+        if self.inference_steps and residual and self.latent_denoise:
+            rows = torch.full((B,), self.inference_steps, device=mu0.device)
+            everything = torch.ones_like(state, dtype=torch.bool)
+            state = state + ex.predict(self.unet, state, everything, rows, mu0, sigma0, log_sigma0, cache)[2]
+        return state
+
+    def _latent(self, y_q: torch.Tensor) -> torch.Tensor:
+        return (y_q.double() * _pow2(-self.exact.f_latent)).float()
+
+    @torch.no_grad()
     def compress(self, x: torch.Tensor) -> dict:
+        """-> {"strings": one list per revealed group, then z's; "shape": (H, W); "digests": one
+        ``latent_digest`` per image, which the decoder must reach}."""
         height, width = x.shape[-2:]
         y = self.g_a(self._pad(x)).float()
         z = self.h_a(y)
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
-        mu0, sigma0 = self.hyper_decode(z_hat)
-        strings = []
-        if self.config.mode == "residual":
-            gc = self.gaussian_conditional
+        gc, strings = self.gaussian_conditional, []
 
-            def code(k, selected, means, scales):
-                values = y[:, selected]
-                strings.append(gc.compress(values, gc.build_indexes(scales), means=means))
-                return gc.quantize(values, "dequantize", means)
+        def code(k, selected, means, indexes):
+            symbols = torch.round(y[:, selected].double() - means.double() * _pow2(-self.exact.f_latent)).long()
+            strings.append([gc.encode_symbols(s, i) for s, i in zip(symbols, indexes)])
+            return symbols
 
-            self._run_chain(mu0, sigma0, code)
-        return {"strings": [*strings, z_strings], "shape": (height, width)}
+        y_q = self._exact_chain(z_hat, code)
+        digests = [latent_digest(y_q[b], z_hat[b]) for b in range(len(y_q))]
+        return {"strings": [*strings, z_strings], "shape": (height, width), "digests": digests}
 
+    @torch.no_grad()
     def decompress(self, strings: list, shape: tuple[int, int]) -> dict:
+        """-> {"x_hat", "y_hat", "digests"} (compare the digests with the encoder's)."""
         height, width = shape
         if len(strings) != self.num_strings:
             raise ValueError(f"expected {self.num_strings} string lists (one per revealed group, then z), got {len(strings)}")
         z_hat = self.entropy_bottleneck.decompress(strings[-1], self.z_shape(height, width))
-        mu0, sigma0 = self.hyper_decode(z_hat)
         gc = self.gaussian_conditional
 
-        def decode(k, selected, means, scales):
-            return gc.decompress(strings[k], gc.build_indexes(scales), mu0.dtype, means=means)
+        def decode(k, selected, means, indexes):
+            return torch.stack([gc.decode_symbols(s, i) for s, i in zip(strings[k], indexes)])
 
-        y_hat = self._run_chain(mu0, sigma0, decode if self.config.mode == "residual" else _predicted)[0]
+        y_q = self._exact_chain(z_hat, decode)
+        y_hat = self._latent(y_q)
         x_hat = self.g_s(y_hat)[..., :height, :width].clamp(0, 1)
-        return {"x_hat": x_hat, "y_hat": y_hat}
+        return {"x_hat": x_hat, "y_hat": y_hat, "digests": [latent_digest(y_q[b], z_hat[b]) for b in range(len(y_q))]}
+
+    @torch.no_grad()
+    def calibrate(self, images: Iterable[torch.Tensor]) -> dict[str, float]:
+        """Activation ranges for the integer form: the float chain (eval mode, rounding) run on
+        ``images`` ((3, H, W) or (B, 3, H, W) training crops, never evaluation images) through the
+        integer network's own sequence of operations, each point's largest magnitude recorded.
+        Kept in ``calibration``; ``update()`` then chooses the exponents from it."""
+        ops, h_s, unet, was_training = _FloatOps(), self.h_s, self.unet, self.training
+        device = h_s[0].weight.device
+        self.eval()
+        try:
+            self.h_s = _RecordingHyper(h_s, ops)
+            if isinstance(unet, UNet2DModel):
+                self.unet = _RecordingUNet(unet, ops)
+            for x in images:
+                self((x[None] if x.dim() == 3 else x).to(device))
+        finally:
+            self.h_s, self.unet = h_s, unet
+            self.train(was_training)
+        self.calibration = ops.maxima
+        return ops.maxima
 
     def update(self, scale_table=None, force: bool = False, update_quantiles: bool = False) -> bool:
         """CompressAI's ``update`` with a finer default scale table (``scale_table_levels``).
@@ -630,7 +1297,37 @@ class DiffusionHyperprior(CompressionModel):
         """
         if scale_table is None:
             scale_table = get_scale_table(levels=self.config.scale_table_levels)
-        return super().update(scale_table=scale_table, force=force, update_quantiles=update_quantiles)
+        updated = super().update(scale_table=scale_table, force=force, update_quantiles=update_quantiles)
+        self.to_exact()
+        return updated
+
+    def to_exact(self) -> None:
+        """(Re)build the integer form from the current weights, the calibration and the coder's
+        tables (they must exist: ``update()``). Its per-step tables are computed here once, in
+        floating point, and a checkpoint stores them: ``load_codec`` recomputes nothing."""
+        device = self.h_s[0].weight.device
+        self.exact = ExactPrior(self.cpu(), ExactPrior.build(self, self.calibration))
+        self.to(device)
+
+    def exact_state(self) -> dict:
+        """What a checkpoint stores of the exact form: the integer model's tables and exponents,
+        the coders' CDF tables and the scale table."""
+        return {
+            "prior": self.exact.state(),
+            "entropy_bottleneck": _pack_tables(self.entropy_bottleneck),
+            "gaussian_conditional": _pack_tables(self.gaussian_conditional),
+            "scale_table": self.gaussian_conditional.scale_table.clone(),
+        }
+
+    def load_exact_state(self, state: dict) -> None:
+        """Restore a checkpoint's exact form (the inverse of ``exact_state``); the integer weights
+        follow from the float ones by exact operations."""
+        _unpack_tables(self.entropy_bottleneck, state["entropy_bottleneck"])
+        _unpack_tables(self.gaussian_conditional, state["gaussian_conditional"])
+        self.gaussian_conditional.scale_table = state["scale_table"].float()
+        device = self.h_s[0].weight.device
+        self.exact = ExactPrior(self.cpu(), state["prior"])
+        self.to(device)
 
     @property
     def num_strings(self) -> int:
@@ -664,12 +1361,14 @@ class DiffusionHyperprior(CompressionModel):
 
     def checkpoint_payload(self) -> dict:
         """What any checkpoint of this codec holds so that ``load_codec`` can rebuild it."""
-        return {
+        payload = {
             "architecture": ARCHITECTURE,
             "codec_format": CODEC_FORMAT,
             "config": self.config.to_dict(),
             "state_dict": self.trainable_state_dict(),
+            "calibration": self.calibration,
         }
+        return payload | ({"exact": self.exact_state()} if self.exact is not None else {})
 
     def fingerprint(self) -> bytes:
         """8 bytes identifying the weights and config a bitstream needs (pretrained parts by path).
@@ -682,7 +1381,20 @@ class DiffusionHyperprior(CompressionModel):
                 continue
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        if self.exact is not None:  # the stored tables decide the coder's parameters too
+            _hash_nested(h, self.exact_state())
         return h.digest()[:8]
+
+
+def _hash_nested(h, value) -> None:
+    if isinstance(value, dict):
+        for k in sorted(value):
+            h.update(str(k).encode())
+            _hash_nested(h, value[k])
+    elif torch.is_tensor(value):
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    else:
+        h.update(repr(value).encode())
 
 
 # ---- Factory ----
@@ -798,23 +1510,34 @@ def slim_checkpoint(ckpt: dict, half: bool = True) -> dict:
     tensors of tiny values (GDN's reparametrised betas) keep fp32. About a third of the size."""
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.endswith(ENTROPY_TABLES)}
     state = lic_common.half_where_exact(state) if half else state
+    keep = {k: ckpt[k] for k in ("exact", "calibration") if k in ckpt}
     return {"architecture": ckpt["architecture"], "codec_format": ckpt.get("codec_format", 1), "config": ckpt["config"],
-            "state_dict": state}  # fmt: skip
+            "state_dict": state} | keep  # fmt: skip
 
 
-def check_codec_checkpoint(ckpt: dict, path: str | Path) -> None:
-    """``CheckpointError`` unless ``ckpt`` holds a codec this version can rebuild."""
+CONVERT_HINT = "python bk_sdm_compression.py convert OLD.pth NEW.pth --data TRAINING_IMAGES"
+
+
+def check_codec_checkpoint(ckpt: dict, path: str | Path, formats: tuple[int, ...] = (CODEC_FORMAT,)) -> None:
+    """``CheckpointError`` unless ``ckpt`` holds a codec of one of ``formats`` (weights of format
+    2 can start training or be converted; only format 3 codes files)."""
     arch = ckpt.get("architecture")
     if arch != ARCHITECTURE or "config" not in ckpt or "state_dict" not in ckpt:
         what = f"a '{arch}' checkpoint" if arch else "not a checkpoint of train_bk_sdm_compression.py"
         raise lic_common.CheckpointError(f"{path}: {what}; expected a '{ARCHITECTURE}' codec checkpoint")
     found = ckpt.get("codec_format", 1)
-    if found != CODEC_FORMAT:
+    if found == 2 and found not in formats:
+        raise lic_common.CheckpointError(
+            f"{path}: a codec of format 2, whose floating-point entropy model makes files that do not decode on "
+            f"other machines; convert it to the exact integer form of format {CODEC_FORMAT}: {CONVERT_HINT}"
+        )
+    if found not in formats:
         raise lic_common.CheckpointError(
             f"{path}: a codec of format {found} ({'the Gaussian DDIM prior' if found == 1 else 'unknown'}); this "
-            f"version reads format {CODEC_FORMAT} (the masked-diffusion prior). Retrain it, or use the "
+            f"version reads format {CODEC_FORMAT} (the masked-diffusion prior, exact). Retrain it, or use the "
             "reference checkpoints in reference_checkpoints/"
         )
+
 
 
 def load_codec(
@@ -832,22 +1555,74 @@ def load_codec(
     """
     ckpt = lic_common.load_checkpoint(path) if ckpt is None else ckpt
     check_codec_checkpoint(ckpt, path)
+    if "exact" not in ckpt:
+        raise lic_common.CheckpointError(
+            f"{path}: no exact entropy model in it (a training run's last_checkpoint.pth?): use the run's "
+            f"best_checkpoint.pth, or make one: {CONVERT_HINT}"
+        )
+    model = _rebuild(ckpt, bk_sdm_path)
+    model.load_exact_state(ckpt["exact"])
+    if diffusion_steps is not None:
+        model.set_inference_steps(diffusion_steps)
+    return model.to(device).eval(), ckpt
+
+
+def _rebuild(ckpt: dict, bk_sdm_path: str | None = None) -> DiffusionHyperprior:
+    """The model a checkpoint describes, its weights and calibration loaded (no entropy tables)."""
     config = CodecConfig.from_dict(ckpt["config"])
     if bk_sdm_path is not None and (config.use_pretrained_vae or config.use_pretrained_unet):
         config = dataclasses.replace(config, bk_sdm_path=bk_sdm_path)
     model = from_config(config)
     model.load_trainable_state_dict(ckpt["state_dict"])
-    if diffusion_steps is not None:
-        model.set_inference_steps(diffusion_steps)
+    model.calibration = ckpt.get("calibration")
+    return model
+
+
+def calibration_crops(images: str | Path | list[Path], count: int = 16, size: int = 256, seed: int = 0) -> list[torch.Tensor]:
+    """``count`` random crops (random downscale, position and flip) of the images in a folder
+    (or a list of image files): what ``calibrate`` runs on. Training photographs, never
+    evaluation images."""
+    paths = images if isinstance(images, list) else lic_common.list_images(images)
+    if not paths:
+        raise FileNotFoundError(f"no images in {images}")
+    g = torch.Generator().manual_seed(seed)
+    readable = []
+    for p in paths:  # an unreadable file is skipped, as training skips it
+        try:
+            readable.append(lic_common.load_image(p))
+        except lic_common.ImageError:
+            continue
+        if len(readable) >= count:
+            break
+    if not readable:
+        raise FileNotFoundError(f"no readable images in {images}")
+    crops = []
+    for i in range(count):
+        x = readable[i % len(readable)]
+        scale = lic_common.random_scale(g, 0.5, 1.0)
+        crop = lic_common.scaled_crop(x, min(size, *x.shape[-2:]), scale, g)
+        crops.append(crop.flip(-1) if torch.rand((), generator=g) < 0.5 else crop)
+    return crops
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, data: str | Path, count: int = 16, size: int = 256) -> dict:
+    """A float (format 2) or exact (format 3) codec checkpoint -> the exact form, calibrated anew
+    on ``count`` training crops of ``data``. Returns the new checkpoint."""
+    ckpt = lic_common.load_checkpoint(src)
+    check_codec_checkpoint(ckpt, src, formats=(2, CODEC_FORMAT))
+    model = _rebuild(ckpt)
+    model.calibrate(calibration_crops(data, count, size))
     model.update(force=True)
-    return model.to(device).eval(), ckpt
+    out = slim_checkpoint(model.checkpoint_payload())
+    lic_common.save_checkpoint(out, dst)
+    return out
 
 
 # ---- Bitstream file ----
 
 MAGIC = b"BKSD"
-FORMAT_VERSION = 2  # 1: the Gaussian DDIM prior's files
-_HEADER = struct.Struct(">4sBB8sIIHB")  # magic, version, mode, model id, height, width, steps, strings
+FORMAT_VERSION = 3  # 1: the Gaussian DDIM prior's files; 2: the float entropy model's
+_HEADER = struct.Struct(">4sBB8sIIHB8s")  # magic, version, mode, model id, height, width, steps, strings, latent digest
 _LENGTH = struct.Struct(">I")
 _CRC = struct.Struct(">I")
 DEFAULT_MAX_PIXELS = 2**26
@@ -864,13 +1639,14 @@ class Header:
     height: int
     width: int
     diffusion_steps: int
+    digest: bytes = bytes(8)  # ``latent_digest`` of the decoded latent
 
 
 def write_bitstream(header: Header, strings: list[bytes]) -> bytes:
     """Header, length-prefixed strings, then a CRC-32 of everything before it."""
     body = _HEADER.pack(
         MAGIC, FORMAT_VERSION, MODES.index(header.mode), header.model_id,
-        header.height, header.width, header.diffusion_steps, len(strings),
+        header.height, header.width, header.diffusion_steps, len(strings), header.digest,
     )  # fmt: skip
     body += b"".join(_LENGTH.pack(len(s)) + s for s in strings)
     return body + _CRC.pack(zlib.crc32(body))
@@ -886,9 +1662,11 @@ def read_bitstream(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[H
         raise BitstreamError(f"the file is truncated ({len(data)} bytes, shorter than the header)")
     (crc,) = _CRC.unpack(data[-_CRC.size :])
     body = data[: -_CRC.size]
-    _, version, mode, model_id, height, width, steps, count = _HEADER.unpack(body[: _HEADER.size])
+    version = body[len(MAGIC)]
     if version != FORMAT_VERSION:
-        raise BitstreamError(f"format version {version} is not supported (this reader knows {FORMAT_VERSION})")
+        hint = " (made with the float entropy model: encode the image again)" if version == 2 else ""
+        raise BitstreamError(f"format version {version} is not supported{hint}; this reader knows {FORMAT_VERSION}")
+    _, version, mode, model_id, height, width, steps, count, digest = _HEADER.unpack(body[: _HEADER.size])
     if zlib.crc32(body) != crc:
         raise BitstreamError("checksum mismatch: the file is truncated or corrupted")
     if mode >= len(MODES):
@@ -907,7 +1685,7 @@ def read_bitstream(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[H
         pos += n
     if pos != len(body):
         raise BitstreamError(f"{len(body) - pos} unexpected bytes after the strings")
-    return Header(MODES[mode], model_id, height, width, steps), strings
+    return Header(MODES[mode], model_id, height, width, steps, digest), strings
 
 
 @torch.no_grad()
@@ -920,7 +1698,7 @@ def encode_image(
     if height * width > max_pixels:
         raise BitstreamError(f"the image has {width}x{height} pixels, over the limit of {max_pixels}")
     out = model.compress(x.unsqueeze(0).to(next(model.parameters()).device))
-    header = Header(model.config.mode, model_id or model.fingerprint(), height, width, model.inference_steps)
+    header = Header(model.config.mode, model_id or model.fingerprint(), height, width, model.inference_steps, out["digests"][0])
     return write_bitstream(header, [s[0] for s in out["strings"]])
 
 
@@ -944,7 +1722,13 @@ def decode_image(
         )
     if len(strings) != model.num_strings:
         raise BitstreamError(f"the file holds {len(strings)} strings; {model.num_strings} expected")
-    return model.decompress([[s] for s in strings], (header.height, header.width))["x_hat"][0]
+    out = model.decompress([[s] for s in strings], (header.height, header.width))
+    if out["digests"][0] != header.digest:
+        raise BitstreamError(
+            "the decoded latent differs from the encoder's (latent checksum mismatch): this decoder computed other "
+            "entropy parameters than the encoder, or the file is damaged; no image was written"
+        )
+    return out["x_hat"][0]
 
 
 # ---- Command line ----
@@ -964,7 +1748,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image (pixels) accepted")
         p.add_argument("--diffusion_steps", type=int, default=None,
                        help="reverse steps, the checkpoint's or 0 (default: the checkpoint's to compress, the file's to decompress)")
-    return parser.parse_args(argv)
+    p = sub.add_parser("convert", formatter_class=fmt,
+                       help="a float (format 2) checkpoint -> the exact integer form (format 3), calibrated on training images")
+    p.add_argument("input", help="codec checkpoint to convert")
+    p.add_argument("output", help="exact checkpoint to write")
+    p.add_argument("--data", required=True, help="folder of training images to calibrate on (never the evaluation images)")
+    p.add_argument("--crops", type=int, default=16, help="calibration crops")
+    p.add_argument("--crop_size", type=int, default=256, help="calibration crop size (pixels)")
+    args = parser.parse_args(argv)
+    if args.command == "convert":
+        if args.crops < 1 or args.crop_size < 64:
+            parser.error("--crops must be >= 1 and --crop_size >= 64")
+    elif args.max_pixels < 1 or (args.diffusion_steps is not None and args.diffusion_steps < 0):
+        parser.error("--max_pixels must be >= 1 and --diffusion_steps >= 0")
+    return args
 
 
 def run_compress(args: argparse.Namespace) -> dict:
@@ -999,10 +1796,20 @@ def run_decompress(args: argparse.Namespace) -> dict:
     return {"height": height, "width": width, "decode_seconds": seconds}
 
 
+def run_convert(args: argparse.Namespace) -> dict:
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"no checkpoint at {args.input}")
+    ckpt = convert_checkpoint(args.input, args.output, args.data, args.crops, args.crop_size)
+    print(f"{args.input} -> {args.output}: exact integer form (format {CODEC_FORMAT}), "
+          f"calibrated on {args.crops} crops of {args.data}")  # fmt: skip
+    return {"exponents": ckpt["exact"]["prior"]["exponents"]}
+
+
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
+    run = {"compress": run_compress, "decompress": run_decompress, "convert": run_convert}[args.command]
     try:
-        return run_compress(args) if args.command == "compress" else run_decompress(args)
+        return run(args)
     except (ValueError, lic_common.CheckpointError, lic_common.ImageError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -428,6 +428,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", default="./outputs", help="everything the run writes goes here")
     g.add_argument("--resume", default=None, help="checkpoint to continue from ('last': output_dir/last_checkpoint.pth)")
+    g.add_argument("--calibration_crops", type=int, default=8, help="the codec: training crops that set the exact integer entropy model's ranges each time best_checkpoint.pth is saved")
     g.add_argument("--init_from", default=None, help="start a new run (new optimizer, schedule and step count) from the model of this training checkpoint, e.g. another rate point's; its architecture and sizes replace --model/--N/--M")
     g.add_argument("--seed", type=int, default=42, help="random seed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -438,6 +439,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quality is not None and args.model == bk.ARCHITECTURE:
         p.error("--quality selects a CompressAI architecture's size; use --N/--M for the codec")
+    if args.calibration_crops < 1:
+        p.error(f"--calibration_crops must be >= 1, got {args.calibration_crops}")
     if not 0 < args.downscale_min <= args.downscale_max <= 1:
         p.error(f"need 0 < --downscale_min <= --downscale_max <= 1, got {args.downscale_min} and {args.downscale_max}")
     if args.teacher_forcing == "sampled" and args.decoder_ste_from is not None:
@@ -525,7 +528,7 @@ class Trainer:
         if "run_config" not in ckpt:
             raise lic_common.CheckpointError(f"{path} is not a training checkpoint of this script (no run_config)")
         if ckpt["run_config"]["model"]["architecture"] == bk.ARCHITECTURE:
-            bk.check_codec_checkpoint(ckpt, path)
+            bk.check_codec_checkpoint(ckpt, path, formats=(2, bk.CODEC_FORMAT))  # format 2's weights still train
         return ckpt
 
     def _build_data(self) -> tuple[DataLoader, DataLoader]:
@@ -608,6 +611,9 @@ class Trainer:
         if not self.is_main:
             return
         if update_tables:
+            if self.config["architecture"] == bk.ARCHITECTURE:  # the exact form's ranges, from training crops
+                files = self.train_loader.dataset.files
+                self.model.calibrate(bk.calibration_crops(files, self.args.calibration_crops, min(self.args.image_size, 256)))
             self.model.update(force=True)
         state = checkpoint_model_state(self.model, self.config)
         state.update(

@@ -33,6 +33,8 @@ def ready(model):
 
 
 def save_ckpt(model, path):
+    if model.exact is None:  # what a checkpoint that codes files holds: the exact form
+        model.update(force=True)
     lic_common.save_checkpoint(model.checkpoint_payload(), path)
     return path
 
@@ -262,6 +264,7 @@ def test_latent_denoise_changes_only_the_decoded_latent():
     model = ready(perturbed(tiny_model(diffusion_steps=2, latent_denoise=True)))
     plain = ready(perturbed(tiny_model(diffusion_steps=2, latent_denoise=False)))
     plain.load_state_dict(model.state_dict())
+    ready(plain)
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         a, b = model(x), plain(x)
@@ -273,29 +276,39 @@ def test_latent_denoise_changes_only_the_decoded_latent():
 # ---- entropy coding ----
 
 
+def close_latents(a, b):
+    """The exact chain against the float forward: equal to integer rounding, a rare symbol apart."""
+    return (a - b).abs().max() < 0.05 or ((a - b).abs() > 0.05).float().mean() < 0.01
+
+
 @pytest.mark.parametrize("mode,steps", [("residual", 4), ("residual", 0), ("z_only", 4)])
-def test_decompress_gives_exactly_the_forward_latent(mode, steps):
-    model = ready(tiny_model(mode, diffusion_steps=steps))
+def test_decompress_reaches_the_encoders_latent(mode, steps):
+    model = tiny_model(mode, diffusion_steps=steps)
     if steps:
         perturbed(model)
+    ready(model)
     x = torch.rand(2, 3, 33, 47)
     with torch.no_grad():
         out = model(x)
         enc = model.compress(x)
         dec = model.decompress(enc["strings"], enc["shape"])
-    assert enc["shape"] == (33, 47)
-    assert torch.equal(dec["y_hat"], out["y_hat"])
-    assert torch.equal(dec["x_hat"], out["x_hat"].clamp(0, 1))
+    assert enc["shape"] == (33, 47) and dec["x_hat"].shape == x.shape
+    assert dec["digests"] == enc["digests"]
+    assert close_latents(dec["y_hat"], out["y_hat"])
 
 
 def test_pretrained_compress_roundtrip(tiny_bk_sdm):
+    """BK-SDM's pretrained U-Net has no exact form: with it the codec codes with 0 steps only."""
     model = ready(pretrained_model(tiny_bk_sdm))
     x = torch.rand(1, 3, 30, 34)
+    with pytest.raises(bk.ExactError, match="--diffusion_steps 0"):
+        model.compress(x)
+    model.set_inference_steps(0)
     with torch.no_grad():
         out = model(x)
         enc = model.compress(x)
         dec = model.decompress(enc["strings"], enc["shape"])
-    assert torch.equal(dec["y_hat"], out["y_hat"])
+    assert dec["digests"] == enc["digests"] and close_latents(dec["y_hat"], out["y_hat"])
     assert dec["x_hat"].shape == x.shape
 
 
@@ -389,7 +402,7 @@ def test_pretrained_checkpoint_loads_from_the_path_it_names(tmp_path, tiny_bk_sd
     loaded, _ = bk.load_codec(ckpt)
     assert loaded.fingerprint() == model.fingerprint()
     src = write_image(tmp_path / "in.png", (32, 32))
-    bk.main(["compress", str(src), str(tmp_path / "a.bin"), "--checkpoint", str(ckpt)])
+    bk.main(["compress", str(src), str(tmp_path / "a.bin"), "--checkpoint", str(ckpt), "--diffusion_steps", "0"])
     bk.main(["decompress", str(tmp_path / "a.bin"), str(tmp_path / "a.png"), "--checkpoint", str(ckpt)])
     assert (tmp_path / "a.png").exists()
 
@@ -416,7 +429,7 @@ def test_slim_checkpoint_is_smaller_and_codes_like_the_full_one(tmp_path):
     x = torch.rand(1, 3, 48, 48)
     with torch.no_grad():
         enc = b.compress(x)
-        assert torch.equal(b.decompress(enc["strings"], enc["shape"])["y_hat"], b(x)["y_hat"])
+        assert b.decompress(enc["strings"], enc["shape"])["digests"] == enc["digests"]
         assert lic_common.psnr(a(x)["x_hat"], b(x)["x_hat"]) > 40  # fp16 rounding changes almost nothing
 
 
@@ -488,7 +501,7 @@ def test_header_records_mode_size_and_steps(coded):
     _, good = coded
     header, strings = bk.read_bitstream(good)
     assert (header.mode, header.height, header.width, header.diffusion_steps) == ("residual", 40, 40, 4)
-    assert len(strings) == 5 and len(good) == 4 + 1 + 1 + 8 + 4 + 4 + 2 + 1 + sum(4 + len(s) for s in strings) + 4
+    assert len(strings) == 5 and len(good) == 4 + 1 + 1 + 8 + 4 + 4 + 2 + 1 + 8 + sum(4 + len(s) for s in strings) + 4
 
 
 def test_step_count_is_recorded_and_a_mismatch_refused(tmp_path, capsys):
@@ -501,8 +514,8 @@ def test_step_count_is_recorded_and_a_mismatch_refused(tmp_path, capsys):
     bk.main(["decompress", str(tmp_path / "zero.bin"), str(tmp_path / "zero.png"), "--checkpoint", str(ckpt)])
     zero_steps, _ = bk.load_codec(ckpt, diffusion_steps=0)
     with torch.no_grad():
-        expected = zero_steps(lic_common.load_image(src)[None])["x_hat"][0]
-    assert torch.equal(lic_common.load_image(tmp_path / "zero.png"), lic_common.to_uint8(expected).float() / 255)
+        expected = zero_steps(lic_common.load_image(src)[None])["x_hat"][0]  # the float forward: a few 1e-4 apart
+    assert lic_common.psnr(lic_common.load_image(tmp_path / "zero.png"), lic_common.to_uint8(expected).float() / 255) > 40
 
     bk.main(["compress", str(src), str(tmp_path / "four.bin"), "--checkpoint", str(ckpt)])
     for name, steps in (("four.bin", "0"), ("zero.bin", "4")):

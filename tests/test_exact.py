@@ -1,0 +1,268 @@
+"""The exact integer entropy model: files decode to the same latent whatever the thread count,
+oneDNN setting, memory format or batch, and a decoder that reaches another latent refuses."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bk_sdm_compression as bk
+import lic_common
+from conftest import ROOT, write_image
+
+TINY = dict(N=16, M=24, diffusion_steps=4, unet_channels=16)
+
+
+def trained_like(model, scale=0.05):
+    """A tiny model whose U-Net and h_s are off their initialisation, as training moves them."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in [*model.unet.parameters(), *model.h_s.parameters()]:
+            p.add_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
+def exact_model(calibrate=True, **kw):
+    model = trained_like(bk.create_diffusion_hyperprior_model(**{**TINY, **kw}))
+    if calibrate:
+        model.calibrate([torch.rand(3, 64, 64) for _ in range(2)])
+    model.update(force=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("exact") / "codec.pth"
+    lic_common.save_checkpoint(bk.slim_checkpoint(exact_model().checkpoint_payload(), half=False), path)
+    return path
+
+
+# ---- integer arithmetic ----
+
+
+def test_integer_helpers_are_exact():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randint(0, 2**62, (4000,), generator=g, dtype=torch.int64)
+    v = torch.cat([v, torch.tensor([0, 1, 2, 3, 4, 2**62 - 1, (2**31 - 1) ** 2, 2**31 * 2**31 - 1])])
+    assert bk._isqrt(v).tolist() == [math.isqrt(int(a)) for a in v]
+    a = torch.randint(-(2**40), 2**40, (2000,), generator=g)
+    b = torch.randint(1, 2**20, (2000,), generator=g)
+    assert bk._div(a, b).tolist() == [(2 * int(x) + int(y)) // (2 * int(y)) for x, y in zip(a, b)]
+    assert bk._shift(a, 3).tolist() == [(int(x) + 4) >> 3 for x in a]
+    assert bk._shift(a, -2).tolist() == [int(x) * 4 for x in a]
+
+
+def test_function_tables_are_correctly_rounded():
+    silu = bk._silu_table()
+    assert silu[0] == round(-16 / (1 + math.exp(16)) * 2**bk.LOG_BITS)
+    assert silu[len(silu) // 2] == 0  # SiLU(0)
+    ln, ln2 = bk._ln_table()
+    assert ln2 == round(math.log(2) * 2**bk.LOG_BITS) and ln[0] == 0
+    assert abs(int(ln[2048]) - math.log(1.5) * 2**bk.LOG_BITS) <= 0.5
+
+
+def test_integer_convolution_matches_conv2d():
+    x = torch.randint(-(2**19), 2**19, (2, 96, 5, 7)).double()
+    for out in (16, 96):
+        layer = torch.nn.Conv2d(96, out, 3, padding=1)
+        w = torch.randint(-(2**15), 2**15, (out, 96, 3, 3)).double()
+        assert torch.equal(bk._integer_conv(x, w, layer), torch.nn.functional.conv2d(x, w, padding=1))
+
+
+def test_the_integer_walk_is_the_float_unet():
+    """The op sequence the integer form follows is diffusers' U-Net's: run in float it gives the same output."""
+    model = exact_model(calibrate=False)
+    x = torch.randn(2, 4 * TINY["M"], 4, 6)
+    t = model.step_timesteps[torch.tensor([0, 3])]
+    ops = bk._FloatOps(bk.unet_time_tables(model.unet, t))
+    walked = bk._walk_unet(ops, model.unet, x.double()).float()
+    assert torch.allclose(walked, model.unet(x, t).sample, atol=1e-5)
+
+
+def test_exact_chain_is_close_to_the_float_chain():
+    model = exact_model()
+    x = torch.rand(1, 3, 64, 96)
+    enc = model.compress(x)
+    dec = model.decompress(enc["strings"], enc["shape"])
+    assert dec["digests"] == enc["digests"]
+    y_float = model(x)["y_hat"]
+    assert (dec["y_hat"] - y_float).abs().max() < 1e-2  # a few latents may round the other way
+
+
+def test_batch_codes_each_image_as_alone():
+    model = exact_model()
+    x = torch.rand(3, 3, 64, 64)
+    together = model.compress(x)
+    for i in range(3):
+        alone = model.compress(x[i : i + 1])
+        assert alone["digests"][0] == together["digests"][i]
+        assert [s[0] for s in alone["strings"]] == [s[i] for s in together["strings"]]
+
+
+def test_pretrained_unet_codes_only_with_zero_steps(tiny_bk_sdm):
+    model = bk.create_bk_sdm_compression_model(str(tiny_bk_sdm), N=16, diffusion_steps=2, use_pretrained_vae=True,
+                                               use_pretrained_unet=True).eval()  # fmt: skip
+    model.update(force=True)
+    x = torch.rand(1, 3, 64, 64)
+    with pytest.raises(bk.ExactError, match="--diffusion_steps 0"):
+        model.compress(x)
+    model.set_inference_steps(0)
+    enc = model.compress(x)
+    assert model.decompress(enc["strings"], enc["shape"])["digests"] == enc["digests"]
+
+
+# ---- files across process configurations ----
+
+RUN = """
+import sys, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads({threads})
+torch.backends.mkldnn.enabled = {onednn}
+import bk_sdm_compression as bk, lic_common
+model, _ = bk.load_codec({ckpt!r})
+if {channels_last}:
+    model = model.to(memory_format=torch.channels_last)
+if {encode}:
+    x = lic_common.load_image({image!r})
+    open({file!r}, "wb").write(bk.encode_image(model, x))
+else:
+    x_hat = bk.decode_image(model, open({file!r}, "rb").read())
+    torch.save(x_hat, {out!r})
+"""
+
+
+def run(ckpt, image, file, out=None, threads=1, onednn=True, channels_last=False):
+    code = RUN.format(root=str(ROOT), threads=threads, onednn=onednn, ckpt=str(ckpt), channels_last=channels_last,
+                      encode=out is None, image=str(image), file=str(file), out=str(out))  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, timeout=300)
+
+
+def test_a_file_decodes_to_the_same_latent_in_every_process_configuration(checkpoint, tmp_path):
+    image = write_image(tmp_path / "photo.png", (72, 104))
+    run(checkpoint, image, tmp_path / "a.bksd", threads=2, onednn=True)
+    run(checkpoint, image, tmp_path / "b.bksd", threads=1, onednn=False, channels_last=True)
+    assert (tmp_path / "a.bksd").read_bytes() == (tmp_path / "b.bksd").read_bytes()
+    decoded = []
+    for i, cfg in enumerate([dict(threads=1), dict(threads=2, onednn=False), dict(threads=1, channels_last=True)]):
+        run(checkpoint, image, tmp_path / "a.bksd", out=tmp_path / f"x{i}.pt", **cfg)  # decode_image checks the digest
+        decoded.append(torch.load(tmp_path / f"x{i}.pt"))
+    for x in decoded[1:]:
+        mse = (x - decoded[0]).pow(2).mean().item()
+        assert mse == 0 or 10 * math.log10(1 / mse) >= 60
+
+
+def test_a_decoder_with_other_entropy_parameters_refuses_the_file(checkpoint, tmp_path, monkeypatch):
+    """One unit in the last place of the means, as another platform's float arithmetic would move them."""
+    model, _ = bk.load_codec(checkpoint)
+    data = bk.encode_image(model, torch.rand(3, 64, 64))
+    assert bk.decode_image(model, data).shape == (3, 64, 64)
+    predict = bk.ExactPrior.predict
+
+    def off_by_one(self, *args, **kwargs):
+        means, log_scales, shift = predict(self, *args, **kwargs)
+        return means + (torch.arange(means.numel()).view_as(means) % 7 == 0), log_scales, shift
+
+    monkeypatch.setattr(bk.ExactPrior, "predict", off_by_one)
+    with pytest.raises(bk.BitstreamError, match="latent checksum mismatch"):
+        bk.decode_image(model, data)
+
+
+def test_the_command_line_refuses_a_wrong_decode_without_writing(checkpoint, tmp_path):
+    image = write_image(tmp_path / "photo.png", (64, 64))
+    coded, png = tmp_path / "f.bksd", tmp_path / "out.png"
+    bk.main(["compress", str(image), str(coded), "--checkpoint", str(checkpoint)])
+    data = bytearray(coded.read_bytes())
+    digest_at = bk._HEADER.size - 8
+    data[digest_at] ^= 1  # the digest no longer matches the latent (CRC made valid again)
+    body = bytes(data[:-4])
+    coded.write_bytes(body + bk._CRC.pack(__import__("zlib").crc32(body)))
+    r = subprocess.run([sys.executable, str(ROOT / "bk_sdm_compression.py"), "decompress", str(coded), str(png),
+                        "--checkpoint", str(checkpoint)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "checksum" in r.stderr and "Traceback" not in r.stderr
+    assert not png.exists()
+
+
+# ---- formats ----
+
+
+def test_float_checkpoints_and_files_of_format_2_are_refused_with_what_to_do(checkpoint, tmp_path):
+    ckpt = lic_common.load_checkpoint(checkpoint)
+    old = {k: v for k, v in ckpt.items() if k not in ("exact", "calibration")} | {"codec_format": 2}
+    lic_common.save_checkpoint(old, tmp_path / "old.pth")
+    with pytest.raises(lic_common.CheckpointError, match="convert"):
+        bk.load_codec(tmp_path / "old.pth")
+    model, _ = bk.load_codec(checkpoint)
+    data = bytearray(bk.encode_image(model, torch.rand(3, 64, 64)))
+    data[4] = 2
+    with pytest.raises(bk.BitstreamError, match="encode the image again"):
+        bk.read_bitstream(bytes(data))
+    # and the convert command turns the float checkpoint into one that codes
+    images = tmp_path / "train"
+    for i in range(2):
+        write_image(images / f"t{i}.png", (96, 96), seed=i)
+    bk.main(["convert", str(tmp_path / "old.pth"), str(tmp_path / "new.pth"), "--data", str(images), "--crops", "2"])
+    new, _ = bk.load_codec(tmp_path / "new.pth")
+    x = torch.rand(3, 64, 64)
+    assert bk.decode_image(new, bk.encode_image(new, x)).shape == x.shape
+
+
+def test_a_checkpoint_stores_what_the_decoder_would_otherwise_compute(checkpoint):
+    """Loading recomputes nothing in floating point: the tables come from the file."""
+    ckpt = lic_common.load_checkpoint(checkpoint)
+    model, _ = bk.load_codec(checkpoint)
+    fresh = bk._rebuild(ckpt)
+    fresh.update(force=True)  # recomputed here: equal on this machine, but the loaded model did not need it
+    assert torch.equal(model.gaussian_conditional._quantized_cdf, fresh.gaussian_conditional._quantized_cdf)
+    assert model.exact.exponents == fresh.exact.exponents
+    for name, table in model.exact.norms.items():
+        assert torch.equal(table["scale"], fresh.exact.norms[name]["scale"])
+
+
+# ---- the benchmark and the device check ----
+
+
+def test_exact_benchmark_measures_rd_speed_and_cross_decoding(checkpoint, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import exact_benchmark
+
+    kodak = tmp_path / "kodak"
+    for i in range(2):
+        write_image(kodak / f"k{i}.png", (64, 96), seed=i)
+    ckpts = [str(checkpoint)] * 1
+    result = exact_benchmark.main(["--checkpoints", *ckpts, "--kodak", str(kodak), "--no-unseen",
+                                   "--output_dir", str(tmp_path / "out"), "--cache", str(tmp_path / "cache.json")])  # fmt: skip
+    cross = result["cross_configuration"][f"{checkpoint.name}|kodak"]
+    assert cross["images"] == 2 and set(cross["refused"].values()) == {0}
+    assert cross["batched_images"] == 2 and cross["batch_digest_mismatches"] == 0
+    assert cross["lowest_psnr_between_decodes"] >= 60
+    c = result["curves"]["kodak"]
+    assert len(c["exact"]["bpp"]) == 1 and abs(c["exact"]["bpp"][0] - c["float"]["bpp"][0]) < 0.2 * c["float"]["bpp"][0]
+    assert result["speed"]["decode_s"]["ratio"] > 0 and (tmp_path / "out" / "exact.md").is_file()
+
+
+def test_device_check_runs_on_the_cpu(checkpoint, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import exact_cuda_check
+
+    write_image(tmp_path / "imgs" / "a.png", (64, 64))
+    out = exact_cuda_check.main(["--checkpoints", str(checkpoint), "--kodak", str(tmp_path / "imgs"), "--devices", "cpu",
+                                 "--output", str(tmp_path / "cuda.json")])  # fmt: skip
+    assert out[checkpoint.name]["refused"] == [] and out[checkpoint.name]["files_differing_between_settings"] == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_files_cross_between_cpu_and_cuda_with_tf32_on_and_off(checkpoint, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import exact_cuda_check
+
+    for i in range(2):
+        write_image(tmp_path / "imgs" / f"{i}.png", (96, 128), seed=i)
+    out = exact_cuda_check.main(["--checkpoints", str(checkpoint), "--kodak", str(tmp_path / "imgs")])
+    result = out[checkpoint.name]
+    assert result["refused"] == [] and result["files_differing_between_settings"] == 0
+    assert result["lowest_psnr_between_decodes"] >= 60
