@@ -49,12 +49,21 @@ input convolution widened as Stable Diffusion's inpainting model widens it (the 
 start at zero), a new zero-initialised output convolution, and cross-attention tokens made from
 the hyperprior by an adapter in place of text.
 
+Files decode to the same latent on every machine: everything that decides the entropy coder's
+parameters (h_s, the U-Net's reverse and denoising steps, the means and scale indexes) runs as an
+exact integer network (Ballé, Johnston & Minnen 2019, "Integer networks for data compression with
+latent-variable models"; JPEG AI's reference decoder), see "Exact integer entropy model" below.
+``update()`` builds it from the float weights (after ``calibrate`` on training crops, or with
+default ranges), a checkpoint stores its tables, and each file carries a digest of the decoded
+latent that the decoder checks. The float chain stays for training and for the rate estimate.
+
 Images of any size are padded (replicating the border) to a multiple of the model's total
 downsampling factor and cropped back after decoding.
 
-Command line (a checkpoint written by ``train_bk_sdm_compression.py``):
+Command line (a checkpoint written by ``train_bk_sdm_compression.py``, or a shipped one):
     python bk_sdm_compression.py compress IMAGE OUT.bin --checkpoint CKPT
     python bk_sdm_compression.py decompress OUT.bin OUT.png --checkpoint CKPT
+    python bk_sdm_compression.py convert FLOAT.pth EXACT.pth --data TRAINING_IMAGES
 """
 
 from __future__ import annotations
@@ -385,7 +394,8 @@ ACT_BITS = 20  # activations: |q| < 2**(ACT_BITS - 1)
 ACT_MAX = 2 ** (ACT_BITS - 1) - 1
 WEIGHT_BITS = 16  # weights: |w| <= 2**(WEIGHT_BITS - 1), per output channel
 EXACT_SUM_LIMIT = 2**52  # float64 holds every integer below 2**53; one bit spare
-WEIGHT_EXPONENT_MAX = 40
+SCALE_EXPONENT_MAX = 50  # a weight's exponent plus its input's: keeps the integer biases far below 2**63
+EXPONENT_MAX = 24  # no activation is finer than 2**-24 (keeps every shifted product below 2**63)
 LOG_BITS = 24  # log-scales and the function tables: fraction bits
 SILU_RANGE, SILU_STEP_BITS = 16, 6  # SiLU table over [-16, 16], step 2**-6, interpolated linearly
 LN_MANTISSA_BITS = 12  # ln table over [1, 2), 4096 entries
@@ -457,7 +467,7 @@ def _exponent_for(maximum: float, limit: int = ACT_MAX) -> int:
     """The largest f with maximum * HEADROOM * 2**f <= limit (calibration, encoder side only)."""
     if maximum <= 0:
         return DEFAULT_EXPONENT
-    return int(max(0, min(30, math.floor(math.log2(limit / (HEADROOM * maximum))))))
+    return int(max(0, min(EXPONENT_MAX, math.floor(math.log2(limit / (HEADROOM * maximum))))))
 
 
 @contextlib.contextmanager
@@ -738,7 +748,7 @@ class ExactPrior(nn.Module):
                 raise ExactError(f"{name}: {terms} terms per output could exceed float64's exact integers")
             _, ex = torch.frexp(per_out.abs().amax(1))
             e = torch.where(per_out.abs().amax(1) > 0, WEIGHT_BITS - 1 - ex.long(), torch.zeros_like(ex.long()))
-            e = e.clamp(max=WEIGHT_EXPONENT_MAX)
+            e = e.clamp(max=SCALE_EXPONENT_MAX - f_in)
             shape = [1] * w.dim()
             shape[out_dim] = -1
             weight = torch.round(w * _pow2(e).view(shape))
@@ -784,12 +794,18 @@ class ExactPrior(nn.Module):
         return {"exponents": dict(self.exponents), "norms": {k: dict(v) for k, v in self.norms.items()},
                 "thresholds": self.thresholds}  # fmt: skip
 
-    def _apply(self, fn, recurse=True):  # .to(device) moves the integer tables too
-        self.silu_table, self.ln_table, self.thresholds = fn(self.silu_table), fn(self.ln_table), fn(self.thresholds)
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves the integer tables; no dtype change reaches them (``.half()``
+        on the model leaves the exact form exact)."""
+
+        def move(t):
+            return fn(t).to(t.dtype)
+
+        self.silu_table, self.ln_table, self.thresholds = move(self.silu_table), move(self.ln_table), move(self.thresholds)
         for table in (*self.convs.values(), *self.norms.values()):
             for k, v in table.items():
                 if torch.is_tensor(v):
-                    table[k] = fn(v)
+                    table[k] = move(v)
         return super()._apply(fn, recurse)
 
     # -- the coder's parameters --
@@ -1200,6 +1216,10 @@ class DiffusionHyperprior(CompressionModel):
         ex = self.exact
         if ex is None:
             raise RuntimeError("the model has no exact entropy model yet: call update() (or load a converted checkpoint)")
+        with torch.autocast(z_hat.device.type, enabled=False):  # float64 is never autocast; made explicit
+            return self._exact_steps(ex, z_hat, code_group)
+
+    def _exact_steps(self, ex: ExactPrior, z_hat: torch.Tensor, code_group: Callable) -> torch.Tensor:
         mu0, sigma0 = ex.hyper(z_hat, self.h_s)
         log_sigma0 = ex.log(sigma0)
         B, M, h, w = mu0.shape

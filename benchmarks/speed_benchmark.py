@@ -10,7 +10,9 @@ Interleaved in one run, on the same images and device:
   loss, backward, both optimizers; bfloat16 autocast with ``--amp``) on random crops, the codec
   trained without diffusion (``--diffusion_steps 0``) among them.
 Ratios are against ``bmshj2018-hyperprior`` of the same N / M, and the codec's training step
-against its own without diffusion. Models are the benchmark's trained
+against its own without diffusion; the codec's coding times also against the same weights coded
+with the floating-point entropy model that the exact integer one replaced (format 2, measured
+interleaved: the cost of exactness). Models are the benchmark's trained
 checkpoints when given (``--checkpoint``, ``--hyperprior_checkpoint``), else freshly initialised
 ones (entropy coding time depends on the rate, so trained checkpoints give the honest figures).
 
@@ -36,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import bk_sdm_compression as bk  # noqa: E402
 import evaluate_bk_sdm_compression as ev  # noqa: E402
+import exact_benchmark  # noqa: E402
 import lic_common  # noqa: E402
 import train_bk_sdm_compression as tr  # noqa: E402
 
@@ -65,10 +68,25 @@ def build_models(args) -> dict[str, torch.nn.Module]:
     return {f"ours ({ours.inference_steps} steps)": ours.eval(), "ours (0 steps)": ours_0.eval(), REFERENCE: hp.eval()}
 
 
+class FloatEntropyCodec:
+    """The codec's weights coded with the float entropy model of format 2 (``exact_benchmark.float_code``)."""
+
+    def __init__(self, model, device):
+        self.model = model.to(device).eval()
+
+    def code(self, x):
+        size, x_hat, t_enc, t_dec = exact_benchmark.float_code(self.model, x.to(next(self.model.parameters()).device))
+        return bytes(size), x_hat.cpu(), t_enc, t_dec
+
+
+FLOAT_ENTROPY = "ours, float entropy model"
+
+
 def coding_times(models: dict, images: list[torch.Tensor], repeats: int, device) -> dict:
     """Median encode / decode seconds per image, models interleaved image by image."""
     codecs = {name: ev.LearnedCodec(name, "", m, device) for name, m in models.items()}
-    times = {name: {"encode": [], "decode": [], "bytes": []} for name in models}
+    codecs[FLOAT_ENTROPY] = FloatEntropyCodec(next(iter(models.values())), device)
+    times = {name: {"encode": [], "decode": [], "bytes": []} for name in codecs}
     for _ in range(repeats):
         for x in images:
             for name, codec in codecs.items():
@@ -180,17 +198,20 @@ def main(argv) -> dict:
         "device": str(device), "threads": args.threads, "images": len(images), "checkpoints": [args.checkpoint, args.hyperprior_checkpoint],
         "coding": coding, "peak_memory_mb": memory, "unet_seconds_per_step": unet, "training_images_per_second": throughput,
         "ratios_vs_" + REFERENCE: {name: {"encode": c["encode"] / ref["encode"], "decode": c["decode"] / ref["decode"],
-                                          "training": (throughput[REFERENCE] / throughput[name]) if throughput else None}
+                                          "training": (throughput[REFERENCE] / throughput[name]) if name in throughput else None}
                                    for name, c in coding.items()},
     }  # fmt: skip
+    ours_name = next(iter(models))
+    result["exact_vs_float_entropy_model"] = {k: coding[ours_name][k] / coding[FLOAT_ENTROPY][k] for k in ("encode", "decode")}
     if throughput:
-        ours_name = next(iter(models))
         result["training_step_vs_no_diffusion"] = throughput["ours (0 steps)"] / throughput[ours_name]
     print(f"{'model':<22}{'encode s':>10}{'decode s':>10}{'enc ratio':>11}{'dec ratio':>11}{'peak MB':>9}{'train img/s':>13}")
     for name, c in coding.items():
         r = result["ratios_vs_" + REFERENCE][name]
         print(f"{name:<22}{c['encode']:>10.3f}{c['decode']:>10.3f}{r['encode']:>11.2f}{r['decode']:>11.2f}"
-              f"{memory[name]:>9.0f}{throughput.get(name, float('nan')):>13.1f}")  # fmt: skip
+              f"{memory.get(name, float('nan')):>9.0f}{throughput.get(name, float('nan')):>13.1f}")  # fmt: skip
+    e = result["exact_vs_float_entropy_model"]
+    print(f"exact entropy model: encode {e['encode']:.2f}x, decode {e['decode']:.2f}x the float one (same weights)")
     if unet:
         print(f"U-Net: {unet * 1000:.1f} ms per reverse step at the latent size of a {images[0].shape[-1]}x{images[0].shape[-2]} image")
     if throughput:

@@ -266,3 +266,23 @@ def test_files_cross_between_cpu_and_cuda_with_tf32_on_and_off(checkpoint, tmp_p
     result = out[checkpoint.name]
     assert result["refused"] == [] and result["files_differing_between_settings"] == 0
     assert result["lowest_psnr_between_decodes"] >= 60
+
+
+@pytest.mark.parametrize("config", [dict(reveal="channels"), dict(latent_denoise=True), dict(mode="z_only"),
+                                    dict(diffusion_steps=2, unet_levels=3)])  # fmt: skip
+def test_every_from_scratch_configuration_codes_exactly(config):
+    model = exact_model(**config)
+    x = torch.rand(2, 3, 64, 80)
+    enc = model.compress(x)
+    dec = model.decompress(enc["strings"], enc["shape"])
+    assert dec["digests"] == enc["digests"] and dec["x_hat"].shape == x.shape
+    assert (dec["y_hat"] - model(x)["y_hat"]).abs().max() < 0.05 or config.get("mode") == "z_only"
+
+
+def test_pretrained_vae_with_the_scratch_unet_codes_exactly(tiny_bk_sdm):
+    model = trained_like(bk.create_bk_sdm_compression_model(str(tiny_bk_sdm), N=16, diffusion_steps=2, use_pretrained_vae=True,
+                                                            unet_channels=8))  # fmt: skip
+    model.update(force=True)
+    x = torch.rand(1, 3, 64, 64)
+    enc = model.compress(x)
+    assert model.decompress(enc["strings"], enc["shape"])["digests"] == enc["digests"]

@@ -65,6 +65,28 @@ def test_training_writes_everything_and_resume_continues(image_dir, tmp_path):
     assert step2[first_param]["step"].item() == 9  # Adam's count went on from 6, not from 0
 
 
+def test_resume_keeps_the_runs_settings_and_refuses_another_experiment(image_dir, tmp_path, capsys):
+    """Resumed with only the data flags, a run keeps its lambda, crops and batch (not the defaults);
+    a flag that may change (the epochs) overrides with a printed line, one that may not is refused."""
+    out = tmp_path / "run"
+    run_train(image_dir, out, "--epochs", "1", "--lambda_rate", "1e-2")
+    base = ["--data_path", str(image_dir), "--output_dir", str(out), "--resume", "last", "--num_workers", "0", "--no-progress"]
+    result = tr.main([*base, "--epochs", "2"])
+    assert result["step"] == 6 and result["epoch"] == 2
+    saved = json.loads((out / "config.json").read_text())["args"]
+    assert (saved["lambda_rate"], saved["image_size"], saved["batch_size"], saved["epochs"]) == (1e-2, 64, 2, 2)
+    assert saved["N"] == 8 and json.loads((out / "config.json").read_text())["model"]["codec"]["N"] == 8
+    assert "resume: --epochs 2 (the run had 1)" in capsys.readouterr().out
+    for flag, value in (("--lambda_rate", "1e-3"), ("--image_size", "128"), ("--batch_size", "4")):
+        with pytest.raises(SystemExit) as exc:
+            tr.main([*base, "--epochs", "3", flag, value])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "differs from the resumed run" in err and flag in err
+    with pytest.raises(SystemExit) as exc:
+        tr.main(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "none"), "--resume", "last"])
+    assert exc.value.code == 2 and "no checkpoint" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("signals", [(signal.SIGINT,), (signal.SIGTERM,), (signal.SIGTERM, signal.SIGTERM)])
 def test_signal_stops_saves_and_resumes_exactly(image_dir, tmp_path, monkeypatch, signals):
     """Ctrl-C or SIGTERM mid-epoch finishes the step, saves, and exits 130; resuming gives
