@@ -439,8 +439,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quality is not None and args.model == bk.ARCHITECTURE:
         p.error("--quality selects a CompressAI architecture's size; use --N/--M for the codec")
-    if args.calibration_crops < 1:
-        p.error(f"--calibration_crops must be >= 1, got {args.calibration_crops}")
+    positive = ("N", "M", "unet_channels", "unet_levels", "batch_size", "epochs", "image_size", "val_image_size",
+                "calibration_crops", "val_interval", "log_interval")  # fmt: skip
+    for name in positive:
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("diffusion_steps", "epoch_size", "max_steps", "num_workers", "warmup_steps", "save_every", "time_budget", "cache_images_mb"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not (args.lambda_rate > 0 and args.lr > 0 and args.aux_lr > 0):
+        p.error("--lambda_rate, --lr and --aux_lr must be > 0")
+    if not 0 < args.val_fraction < 1 or not 0 <= args.min_lr_ratio <= 1 or args.clip_max_norm < 0:
+        p.error("need 0 < --val_fraction < 1, 0 <= --min_lr_ratio <= 1 and --clip_max_norm >= 0")
     if not 0 < args.downscale_min <= args.downscale_max <= 1:
         p.error(f"need 0 < --downscale_min <= --downscale_max <= 1, got {args.downscale_min} and {args.downscale_max}")
     if args.teacher_forcing == "sampled" and args.decoder_ste_from is not None:

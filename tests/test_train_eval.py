@@ -431,3 +431,26 @@ def test_init_from_starts_a_new_run_from_another_runs_model(image_dir, tmp_path)
     with pytest.raises(lic_common.CheckpointError, match="not a training checkpoint"):
         lic_common.save_checkpoint({"state_dict": {}}, tmp_path / "bare.pth")
         tr.Trainer(tr.parse_args(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "c"), *TINY, "--init_from", str(tmp_path / "bare.pth")]))
+
+
+@pytest.mark.parametrize("flags", [["--N", "0"], ["--lambda_rate", "-1"], ["--val_fraction", "1.5"], ["--epochs", "0"],
+                                   ["--batch_size", "0"], ["--calibration_crops", "0"]])  # fmt: skip
+def test_training_flags_out_of_range_are_refused_before_anything_starts(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        tr.parse_args(["--data_path", str(tmp_path), "--output_dir", str(tmp_path / "run"), *flags])
+    assert exc.value.code == 2 and flags[0] in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags", [["--threads", "-3"], ["--jpeg_qualities", "150"], ["--curve", "x="], ["--diffusion_steps", "-1"]])
+def test_evaluation_flags_out_of_range_are_refused(flags, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ev.parse_args(["--data_path", str(tmp_path), *flags])
+    assert exc.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_evaluation_refuses_an_unknown_anchor_before_measuring(tmp_path, capsys):
+    write_image(tmp_path / "imgs" / "a.png", (32, 32))
+    with pytest.raises(SystemExit) as exc:
+        ev.main(["--data_path", str(tmp_path / "imgs"), "--classical", "jpeg", "--jpeg_qualities", "50",
+                 "--anchor", "foo", "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    assert exc.value.code == 2 and "--anchor 'foo'" in capsys.readouterr().err and not (tmp_path / "out").exists()
