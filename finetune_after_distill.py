@@ -624,6 +624,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("eval needs --data_path or --coco_dir")
     if args.command in STAGES and not 0 < args.downscale_min <= args.downscale_max <= 1:
         parser.error(f"need 0 < --downscale_min <= --downscale_max <= 1, got {args.downscale_min} and {args.downscale_max}")
+    if args.command in STAGES:
+        for name in ("batch_size", "crop_size", "recon_every", "recon_count"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if (args.epochs is not None and args.epochs < 1) or args.lr <= 0 or min(args.num_workers, args.warmup_steps, args.crops_per_epoch) < 0:
+            parser.error("need --epochs >= 1, --lr > 0, and --num_workers, --warmup_steps, --crops_per_epoch >= 0")
     return args
 
 

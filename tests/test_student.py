@@ -205,3 +205,12 @@ def test_slim_student_holds_the_decoder_alone_and_loads_like_the_full_one(teache
     lic_common.save_checkpoint({"kind": "student", "student": {"g_s.0.weight": torch.zeros(1)}, "decoder_only": True}, tmp_path / "bad.pt")
     with pytest.raises(lic_common.CheckpointError, match="does not fit"):
         fd.load_student(fd.make_student(teacher), tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("flags", [["--batch_size", "0"], ["--epochs", "0"], ["--lr", "-1"]])
+def test_stage_flags_out_of_range_are_refused(flags, tmp_path, capsys):
+    import finetune_after_distill as fad
+
+    with pytest.raises(SystemExit) as exc:
+        fad.parse_args(["distill", "--coco_dir", str(tmp_path), *flags])
+    assert exc.value.code == 2 and "error:" in capsys.readouterr().err
