@@ -770,6 +770,7 @@ class ExactPrior(nn.Module):
         exponents = {n: _exponent_for(maxima[n]) if maxima and n in maxima else DEFAULT_EXPONENT for n in names}
         norms = {}
         if model.unet is not None and "unet.conv_in" in exponents:
+            check_exact_unet(model.unet)
             times = unet_time_tables(model.unet, model.step_timesteps.to(model.unet.device))
             norm_layers = _ShapeOps(exponents, "unet.in")
             _walk_unet(norm_layers, model.unet, None)

@@ -286,3 +286,11 @@ def test_pretrained_vae_with_the_scratch_unet_codes_exactly(tiny_bk_sdm):
     x = torch.rand(1, 3, 64, 64)
     enc = model.compress(x)
     assert model.decompress(enc["strings"], enc["shape"])["digests"] == enc["digests"]
+
+
+def test_a_unet_the_integer_walk_does_not_reproduce_is_refused():
+    model = bk.create_diffusion_hyperprior_model(**TINY)
+    assert bk.check_exact_unet(model.unet) is None
+    model.unet.register_to_config(resnet_time_scale_shift="default")
+    with pytest.raises(bk.ExactError, match="no exact integer form"):
+        model.update(force=True)
