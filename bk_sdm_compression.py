@@ -482,6 +482,10 @@ class ExactError(RuntimeError):
     """A model or configuration that has no exact integer form."""
 
 
+class PretrainedError(RuntimeError):
+    """BK-SDM's pretrained components could not be loaded (no network, no local copy, a bad folder)."""
+
+
 class _FloatOps:
     """The integer network's operations in floating point, recording each point's largest
     magnitude: the calibration pass (and, in tests, the check that the walk is the float model)."""
@@ -1428,9 +1432,10 @@ PRETRAINED_DEFAULT_STRENGTH = 0.2
 def _load_pretrained(cls, path: str, subfolder: str):
     try:
         return cls.from_pretrained(path, subfolder=subfolder)
-    except Exception as e:  # hub, file and config errors alike
-        raise RuntimeError(
-            f"could not load BK-SDM component '{subfolder}' from '{path}': {e}\n"
+    except Exception as e:  # hub, file and config errors alike, some with pages of detail
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise PretrainedError(
+            f"could not load BK-SDM component '{subfolder}' from '{path}' ({first}). "
             "Point --bk_sdm_path at a local diffusers folder (e.g. a download of nota-ai/bk-sdm-small), "
             "or use the from-scratch components (use_pretrained_vae=False, use_pretrained_unet=False)."
         ) from e
@@ -1786,8 +1791,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run_compress(args: argparse.Namespace) -> dict:
+    x = lic_common.load_image(args.input)  # a missing or broken image fails before the model loads
     model, _ = load_codec(args.checkpoint, args.device, args.bk_sdm_path, args.diffusion_steps)
-    x = lic_common.load_image(args.input)
     start = time.perf_counter()
     data = encode_image(model, x, args.max_pixels)
     seconds = time.perf_counter() - start

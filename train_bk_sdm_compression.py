@@ -869,9 +869,9 @@ def main(argv: list[str]) -> dict:
     try:
         trainer = Trainer(args)
         return trainer.fit()
-    except (TrainingDiverged, lic_common.CheckpointError, FileNotFoundError, ValueError) as e:
+    except (TrainingDiverged, lic_common.CheckpointError, bk.PretrainedError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     finally:

@@ -135,7 +135,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(image_dir, tmp_path, 
     monkeypatch.setattr(tr.RateDistortionLoss, "forward", nan_loss)
     with pytest.raises(SystemExit) as exc:
         run_train(image_dir, out, "--epochs", "2", "--resume", "last")
-    assert exc.value.code == 1
+    assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "loss is nan" in err and "last_checkpoint.pth" in err
     assert (out / "last_checkpoint.pth").read_bytes() == before
@@ -454,3 +454,11 @@ def test_evaluation_refuses_an_unknown_anchor_before_measuring(tmp_path, capsys)
         ev.main(["--data_path", str(tmp_path / "imgs"), "--classical", "jpeg", "--jpeg_qualities", "50",
                  "--anchor", "foo", "--output_dir", str(tmp_path / "out")])  # fmt: skip
     assert exc.value.code == 2 and "--anchor 'foo'" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_training_with_pretrained_parts_missing_is_one_line(image_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        run_train(image_dir, tmp_path / "run", "--epochs", "1", "--use_pretrained_vae", "--bk_sdm_path", str(tmp_path / "empty"))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error: could not load BK-SDM") and err.count("\n") == 1
