@@ -630,7 +630,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                 parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
         if (args.epochs is not None and args.epochs < 1) or args.lr <= 0 or min(args.num_workers, args.warmup_steps, args.crops_per_epoch) < 0:
             parser.error("need --epochs >= 1, --lr > 0, and --num_workers, --warmup_steps, --crops_per_epoch >= 0")
+        if args.resume:
+            return resumed_args(parser, args, argv)
     return args
+
+
+# What a resumed stage may change: how long and how it runs; the rest is the run's.
+RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "device", "progress", "recon_every", "wandb_project"})
+
+
+def resumed_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """``--resume``: the settings of the stage's last checkpoint in its save_dir, an explicit flag
+    overriding what may change (with a printed line) and refused for the rest."""
+    path = Path(args.save_dir or STAGES[args.command]["save_dir"]) / STAGES[args.command]["last"]
+    try:
+        saved = lic_common.load_checkpoint(path).get("config")
+    except lic_common.CheckpointError as e:
+        parser.error(f"--resume: {e}")
+    if not isinstance(saved, dict) or saved.get("command") != args.command:
+        parser.error(f"--resume: {path} is not a {args.command} checkpoint of this script")
+    saved = {k: v for k, v in saved.items() if k not in ("resume", "save_dir", "command")}
+    return lic_common.resumed_settings(parser, args, argv, saved, RESUME_MAY_CHANGE)
 
 
 def main(argv: list[str]) -> dict:

@@ -16,6 +16,7 @@ Importing this module has no side effects beyond importing CompressAI.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 import os
@@ -268,6 +269,38 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a checkpoint of this project (not a dict)")
     return ckpt
+
+
+# ---- Resuming a run ----
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options written out in ``argv`` (``--flag``, ``--flag=value``,
+    ``--no-flag``), looked up in the parser and in its sub-commands' parsers."""
+    actions = list(parser._actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            actions += [a for sub in action.choices.values() for a in sub._actions]
+    written = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    return {a.dest for a in actions if written & set(a.option_strings)}
+
+
+def resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str], saved: dict,
+                     may_change: frozenset[str]) -> argparse.Namespace:  # fmt: skip
+    """A resumed run is the same run: its settings are ``saved`` (the run's configuration), not the
+    defaults. An option written out in ``argv`` overrides one of ``may_change`` with a printed line
+    and is refused (``parser.error``) for any other setting it would change."""
+    resolved = {**vars(args), **saved}
+    for name in sorted(explicit_options(parser, argv)):
+        if name not in saved or getattr(args, name, None) == saved[name]:
+            continue
+        new, old = getattr(args, name), saved[name]
+        if name not in may_change:
+            parser.error(f"--{name} {new} differs from the resumed run's {old}: a resumed run keeps its settings "
+                         "(drop the option, or start another run)")  # fmt: skip
+        print(f"resume: --{name} {new} (the run had {old})")
+        resolved[name] = new
+    return argparse.Namespace(**resolved)
 
 
 # ---- Seeding ----

@@ -661,7 +661,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--output", default=None, help="picture to write (default: <image>.tokens.png here)")
     p.add_argument("--picture_scale", type=int, default=12, help="pixels per original token in the picture")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    return resumed_args(parser, args, argv) if args.command == "train" and args.resume else args
+
+
+# What a resumed training run may change: how long and how it runs; the rest is the run's.
+RESUME_MAY_CHANGE = frozenset({"epochs", "num_workers", "device", "progress", "cache_tokens", "wandb_project"})
+
+
+def resumed_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """``train --resume``: the settings of the run in ``--output_dir`` (its last checkpoint's), an
+    explicit flag overriding what may change (with a printed line) and refused for the rest."""
+    path = Path(args.output_dir) / "last_model.pt"
+    try:
+        saved = lic_common.load_checkpoint(path).get("args")
+    except lic_common.CheckpointError as e:
+        parser.error(f"--resume: {e}")
+    if not isinstance(saved, dict):
+        parser.error(f"--resume: {path} is not a token_compress.py training checkpoint")
+    saved = {k: v for k, v in saved.items() if k not in ("resume", "output_dir", "command")}
+    return lic_common.resumed_settings(parser, args, argv, saved, RESUME_MAY_CHANGE)
 
 
 def main(argv: list[str]) -> dict:

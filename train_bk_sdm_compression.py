@@ -468,23 +468,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # crops, optimiser) would make it another experiment, so it comes from the run's configuration.
 RESUME_MAY_CHANGE = frozenset({
     "epochs", "max_steps", "time_budget", "budget_clock", "num_workers", "cache_images_mb", "device", "compile",
-    "val_interval", "save_every", "log_interval", "progress", "calibration_crops", "resume", "output_dir",
+    "val_interval", "save_every", "log_interval", "progress", "calibration_crops",
 })  # fmt: skip
-_UNSET = object()
-
-
-def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The destinations given on the command line (argparse fills a default only where the
-    namespace has no value yet, so a namespace pre-filled with a marker keeps it elsewhere)."""
-    marked = argparse.Namespace(**{a.dest: _UNSET for a in parser._actions if a.dest != "help"})
-    given = parser.parse_args(argv, namespace=marked)
-    return {k for k, v in vars(given).items() if v is not _UNSET}
 
 
 def resumed_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
-    """A resumed run is the same run: every setting comes from its checkpoint's configuration. A
-    flag given explicitly overrides one of ``RESUME_MAY_CHANGE`` (a printed line says so) and is
-    refused for any other setting it would change."""
+    """A resumed run is the same run: every setting comes from its checkpoint's configuration; an
+    explicit flag overrides one of ``RESUME_MAY_CHANGE`` (a printed line says so) and is refused
+    for any other setting it would change (start another run from its weights with --init_from)."""
     path = Path(args.output_dir) / "last_checkpoint.pth" if args.resume == "last" else Path(args.resume)
     if not path.is_file():
         parser.error(f"--resume {args.resume}: no checkpoint at {path}")
@@ -494,17 +485,8 @@ def resumed_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
         parser.error(str(e))
     if not isinstance(saved, dict):
         parser.error(f"--resume: {path} is not a training checkpoint of this script (no run configuration)")
-    resolved = {**vars(args), **saved, "resume": args.resume, "output_dir": args.output_dir}
-    for name in sorted(explicit_flags(parser, argv)):
-        new, old = getattr(args, name), saved.get(name, getattr(args, name))
-        if new == old or name in ("resume", "output_dir"):
-            continue
-        if name not in RESUME_MAY_CHANGE:
-            parser.error(f"--{name} {new} differs from the resumed run's {old}: a resumed run keeps its settings "
-                         "(drop the flag, or start another run from its weights with --init_from)")  # fmt: skip
-        print(f"resume: --{name} {new} (the run had {old})")
-        resolved[name] = new
-    return argparse.Namespace(**resolved)
+    saved = {k: v for k, v in saved.items() if k not in ("resume", "output_dir")}
+    return lic_common.resumed_settings(parser, args, argv, saved, RESUME_MAY_CHANGE)
 
 
 # ---- Training ----

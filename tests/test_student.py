@@ -126,6 +126,12 @@ def test_distill_finetune_eval_end_to_end(tmp_path, teacher_ckpt, image_dir, mon
     # --resume continues the stage where it stopped
     resumed = fd.main(["distill", *common, "--epochs", "5", "--resume"])
     assert lic_common.load_checkpoint(ck / "last.pt")["epoch"] == 4 and "best_msssim" in resumed
+    # a resumed stage keeps its settings: the data flags suffice, another loss weight is refused
+    fd.main(["distill", "--coco_dir", "d64", "--resume", "--epochs", "5", "--num_workers", "0", "--no-progress", *t])
+    assert lic_common.load_checkpoint(ck / "last.pt")["config"]["batch_size"] == 4
+    with pytest.raises(SystemExit) as exc:
+        fd.main(["distill", *common, "--epochs", "6", "--resume", "--l1_weight", "2.0"])
+    assert exc.value.code == 2
 
     # after distill with default flags, the student decodes the teacher's bitstreams
     teacher = fd.load_teacher(fd.parse_args(["eval", "--data_path", "x", *t]))

@@ -80,6 +80,9 @@ def test_train_resume_eval_infer(tiny_clip, tmp_path, capsys):
     assert len(list((tmp_path / "cache").rglob("*.pt"))) == 12  # every image's CLIP tokens, written once
     later = tc.main(["train", *common, "--epochs", "4", "--resume"])
     assert later["epoch"] == 3 and later["step"] > first["step"]
+    with pytest.raises(SystemExit) as exc:  # a resumed run keeps its settings: another lr is another run
+        tc.main(["train", *common, "--epochs", "5", "--resume", "--lr", "1e-2"])
+    assert exc.value.code == 2 and "differs from the resumed run" in capsys.readouterr().err
     assert later["model/mse"] < first["model/mse"]  # the losses moved
     ckpt = lic_common.load_checkpoint(out / "last_model.pt")
     assert ckpt["epoch"] == 3 and ckpt["opt_c"]["state"]
