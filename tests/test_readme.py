@@ -1,0 +1,44 @@
+"""The README's quick start runs as written: compress / decompress for real with a shipped
+checkpoint, every other command's flags through its script's own parser."""
+
+import glob
+import importlib
+import re
+import shlex
+
+import pytest
+
+from conftest import KODAK_DIR, ROOT
+
+
+def quick_start_commands() -> list[list[str]]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                commands.append(shlex.split(line))
+    return commands
+
+
+def test_the_quick_start_is_in_the_readme_and_small():
+    commands = quick_start_commands()
+    assert len(commands) >= 7 and all(c[0] == "python" for c in commands)
+    assert (ROOT / "README.md").stat().st_size <= 25_000
+
+
+@pytest.mark.skipif(not KODAK_DIR.is_dir(), reason="needs ../shared/data/kodak")
+def test_every_quick_start_command_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    for argv in quick_start_commands():
+        script, args = argv[1], [a for part in argv[2:] for a in (sorted(glob.glob(part)) if "*" in part else [part])]
+        module = importlib.import_module(script.removesuffix(".py"))
+        if script == "bk_sdm_compression.py":  # for real, its outputs moved to a temporary folder
+            args[2] = str(tmp_path / args[2])
+            if args[0] == "decompress":
+                args[1] = str(tmp_path / args[1])
+            assert module.main(args)
+        else:
+            assert module.parse_args(args)  # the flags exist and their values are accepted
+    assert (tmp_path / "kodim23.png").is_file()
