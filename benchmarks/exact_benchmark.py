@@ -16,7 +16,7 @@ has never seen (scikit-image's), three measurements in one run:
 - **speed**: encode and decode seconds per Kodak image, exact against float, interleaved in one
   process, and their ratio.
 
-    python benchmarks/exact_benchmark.py --kodak ../shared/data/kodak --cache /tmp/exact_cache.json
+    python benchmarks/exact_benchmark.py --kodak ../shared/data/kodak --cache exact_cache.json
 
 Per-image results are cached (``--cache``, JSON), so an interrupted run resumes. Writes
 ``benchmarks/results/exact.json`` and ``exact.md``.
