@@ -263,9 +263,8 @@ def test_files_cross_between_cpu_and_cuda_with_tf32_on_and_off(checkpoint, tmp_p
     for i in range(2):
         write_image(tmp_path / "imgs" / f"{i}.png", (96, 128), seed=i)
     out = exact_cuda_check.main(["--checkpoints", str(checkpoint), "--kodak", str(tmp_path / "imgs")])
-    result = out[checkpoint.name]
-    assert result["refused"] == [] and result["files_differing_between_settings"] == 0
-    assert result["lowest_psnr_between_decodes"] >= 60
+    result = out[checkpoint.name]  # files may differ by encoder (g_a is floating point); every decode must agree
+    assert result["refused"] == [] and result["lowest_psnr_between_decodes"] >= 60
 
 
 @pytest.mark.parametrize("config", [dict(reveal="channels"), dict(latent_denoise=True), dict(mode="z_only"),
