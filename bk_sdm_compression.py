@@ -69,6 +69,7 @@ Command line (a checkpoint written by ``train_bk_sdm_compression.py``, or a ship
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -863,24 +864,31 @@ class ExactPrior(nn.Module):
 
 
 class _ShapeOps:
-    """A walk that runs nothing: it names the points, finds each convolution's input exponent and
-    collects the layers (``ExactPrior`` builds its integer tables from it)."""
+    """A walk that runs nothing: it lists the points in order (``names``), finds each
+    convolution's input exponent and collects the layers (``ExactPrior`` builds its integer tables
+    from it). With no exponents yet, every point reads as exponent 0."""
 
-    def __init__(self, exponents: dict, first: str):
-        self.exponents = exponents
+    def __init__(self, exponents: dict | None, first: str):
+        self.exponents = collections.defaultdict(int) if exponents is None else exponents
+        self.first, self.names = first, []
         self.layers, self.norm_layers = {}, {}
-        self.first = first
 
-    def _f(self, x):
-        return self.exponents[self.first] if x is None else x
+    def _point(self, name):
+        self.names.append(name)
+        return self.exponents[name]
 
     def conv(self, name, x, layer):
-        self.layers[name] = (layer, self._f(x))
-        return self.exponents[name]
+        self.layers[name] = (layer, self.exponents[self.first] if x is None else x)
+        return self._point(name)
 
     def norm(self, name, x, norm, time=None):
         self.norm_layers[name] = (norm, time)
-        return self.exponents[name]
+        return self._point(name)
+
+    def add(self, name, a, b):
+        return self._point(name)
+
+    cat = add
 
     def silu(self, x):
         return x
@@ -888,41 +896,19 @@ class _ShapeOps:
     def leaky(self, x, slope):
         return x
 
-    def add(self, name, a, b):
-        return self.exponents[name]
-
-    cat = add
-
-    def upsample(self, x):
-        return x
+    upsample = silu
 
     @staticmethod
     def point_names(model) -> list[str]:
-        names = ["hs.in"] + [f"hs.{i}" for i, l in enumerate(model.h_s) if isinstance(l, (nn.Conv2d, nn.ConvTranspose2d))]
-        if model.unet is not None and isinstance(model.unet, UNet2DModel):
-            rec = _NameOps()
-            _walk_unet(rec, model.unet, None)
-            names += ["unet.in", *rec.names]
+        """Every point that gets an exponent: h_s's input and convolutions, then the U-Net's."""
+        ops = _ShapeOps(None, "hs.in")
+        _walk_hyper(ops, model.h_s, None)
+        names = ["hs.in", *ops.names]
+        if isinstance(model.unet, UNet2DModel):
+            ops = _ShapeOps(None, "unet.in")
+            _walk_unet(ops, model.unet, None)
+            names += ["unet.in", *ops.names]
         return names
-
-
-class _NameOps(_ShapeOps):
-    def __init__(self):
-        self.names = []
-
-    def _named(self, name, *_):
-        self.names.append(name)
-
-    def conv(self, name, x, layer):
-        self._named(name)
-
-    def norm(self, name, x, norm, time=None):
-        self._named(name)
-
-    def add(self, name, a, b):
-        self._named(name)
-
-    cat = add
 
 
 class _RecordingHyper(nn.Module):
