@@ -491,9 +491,9 @@ class _FloatOps:
     """The integer network's operations in floating point, recording each point's largest
     magnitude: the calibration pass (and, in tests, the check that the walk is the float model)."""
 
-    def __init__(self, steps: dict | None = None):
+    def __init__(self, temb: dict | None = None):
         self.maxima: dict[str, float] = {}
-        self.temb = steps  # {id(resnet): (scale, shift)} for the current timestep
+        self.temb = temb  # {id(resnet): (scale, shift)} for the current timesteps (unet_time_tables)
 
     def _seen(self, name, x):
         self.maxima[name] = max(self.maxima.get(name, 0.0), float(x.detach().abs().max()))
@@ -531,11 +531,6 @@ class _FloatOps:
 
     def upsample(self, x):
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
-
-
-def _hyper_layers(h_s: nn.Sequential) -> int:
-    """How many convolutions h_s has (its last one's point gives the latent's exponent)."""
-    return sum(isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)) for layer in h_s)
 
 
 def _walk_hyper(ops, h_s: nn.Sequential, x):
@@ -645,9 +640,6 @@ class _IntOps:
         self.rows = rows  # (B,) the timestep row of each image's per-step tables
         self.first_acc = first_acc  # the U-Net input layer's sums, when ExactPrior.predict made them
 
-    def input(self, name, x):
-        raise AssertionError("integer inputs are built by ExactPrior")
-
     def conv(self, name, x, layer):
         q, f = x
         p = self.ex.convs[name]
@@ -713,37 +705,41 @@ class _IntOps:
 class ExactPrior(nn.Module):
     """The integer form of h_s and the U-Net, and what the coder needs from them.
 
-    Built by ``build`` from the float model (its ``update()``), or restored from a checkpoint's
-    ``exact`` entry by ``from_state``; either way ``state()`` is what a checkpoint stores and the
-    integer weights follow from it and the float weights by exact operations only.
+    Made from the float model and a state: a new one from ``build`` (what ``update()`` does), or a
+    checkpoint's (``load_exact_state``). ``state()`` is what a checkpoint stores; the integer
+    weights follow from it and the float weights by exact operations only. Its tables live on the
+    float model's device.
     Latent values are int64 at exponent ``f_latent`` (h_s's output exponent): means, mu0, sigma0
     and the decoded latent y_hat = symbol * 2**f_latent + mean.
     """
 
     def __init__(self, model: "DiffusionHyperprior", state: dict):
         super().__init__()
+        device = model.h_s[0].weight.device
         self.exponents: dict[str, int] = dict(state["exponents"])
-        self.f_latent = self.exponents[_ShapeOps.point_names(model)[_hyper_layers(model.h_s)]]
         self.f_unet_in = self.exponents.get("unet.in")
         self.convs, self.norms = {}, {}
-        self.silu_table = _silu_table()
-        self.ln_table, self.ln2 = _ln_table()
-        self.thresholds = state["thresholds"]
+        self.silu_table = _silu_table().to(device)
+        ln_table, self.ln2 = _ln_table()
+        self.ln_table = ln_table.to(device)
+        self.thresholds = state["thresholds"].to(device)
+        self._int_convs(model.h_s, _walk_hyper, "hs.in")
+        self.f_latent = self.convs[next(reversed(self.convs))]["f_out"]  # h_s's last convolution: mu0, sigma0
         self.scale_floor = math.ceil(float(model.gaussian_conditional.lower_bound_scale.bound) * 2**self.f_latent)
-        self._int_convs(model.h_s, "hs.", "hs.in")
         if model.unet is not None and "unet.conv_in" in self.exponents:
-            self._int_convs(model.unet, "unet.", "unet.in")
+            self._int_convs(model.unet, _walk_unet, "unet.in")
             for name, t in state["norms"].items():
-                self.norms[name] = dict(t)
+                self.norms[name] = {k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
         self.has_unet = bool(self.norms)
 
     # -- construction --
 
-    def _int_convs(self, root: nn.Module, prefix: str, first: str) -> None:
-        """Integer weights, biases and output shifts of every convolution the walk meets, from the
-        float weights and the exponents (frexp, scaling by powers of two and rounding: exact)."""
+    def _int_convs(self, root: nn.Module, walk: Callable, first: str) -> None:
+        """Integer weights, biases and output shifts of every convolution ``walk`` meets in
+        ``root``, from the float weights and the exponents (frexp, scaling by powers of two and
+        rounding: exact)."""
         ops = _ShapeOps(self.exponents, first)
-        (_walk_hyper if prefix == "hs." else _walk_unet)(ops, root, None)
+        walk(ops, root, None)
         for name, (layer, f_in) in ops.layers.items():
             w = layer.weight.detach().double()
             out_dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
@@ -782,7 +778,7 @@ class ExactPrior(nn.Module):
             for name, (norm, time) in norm_layers.norm_layers.items():
                 gamma, beta = norm.weight.detach().double()[None], norm.bias.detach().double()[None]
                 if time is not None:
-                    scale, shift = (t.double().cpu() for t in times[id(time)])
+                    scale, shift = (t.double() for t in times[id(time)])
                     gamma, beta = gamma * (1 + scale), beta * (1 + scale) + shift
                 _, ex = torch.frexp(gamma.abs().max())
                 e_scale = WEIGHT_BITS - 1 - int(ex)
@@ -1316,9 +1312,7 @@ class DiffusionHyperprior(CompressionModel):
         """(Re)build the integer form from the current weights, the calibration and the coder's
         tables (they must exist: ``update()``). Its per-step tables are computed here once, in
         floating point, and a checkpoint stores them: ``load_codec`` recomputes nothing."""
-        device = self.h_s[0].weight.device
-        self.exact = ExactPrior(self.cpu(), ExactPrior.build(self, self.calibration))
-        self.to(device)
+        self.exact = ExactPrior(self, ExactPrior.build(self, self.calibration))
 
     def exact_state(self) -> dict:
         """What a checkpoint stores of the exact form: the integer model's tables and exponents,
@@ -1336,9 +1330,7 @@ class DiffusionHyperprior(CompressionModel):
         _unpack_tables(self.entropy_bottleneck, state["entropy_bottleneck"])
         _unpack_tables(self.gaussian_conditional, state["gaussian_conditional"])
         self.gaussian_conditional.scale_table = state["scale_table"].float()
-        device = self.h_s[0].weight.device
-        self.exact = ExactPrior(self.cpu(), state["prior"])
-        self.to(device)
+        self.exact = ExactPrior(self, state["prior"])
 
     @property
     def num_strings(self) -> int:
@@ -1549,7 +1541,6 @@ def check_codec_checkpoint(ckpt: dict, path: str | Path, formats: tuple[int, ...
             f"version reads format {CODEC_FORMAT} (the masked-diffusion prior, exact). Retrain it, or use the "
             "reference checkpoints in reference_checkpoints/"
         )
-
 
 
 def load_codec(
