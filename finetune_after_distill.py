@@ -643,14 +643,8 @@ def resumed_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     """``--resume``: the settings of the stage's last checkpoint in its save_dir, an explicit flag
     overriding what may change (with a printed line) and refused for the rest."""
     path = Path(args.save_dir or STAGES[args.command]["save_dir"]) / STAGES[args.command]["last"]
-    try:
-        saved = lic_common.load_checkpoint(path).get("config")
-    except lic_common.CheckpointError as e:
-        parser.error(f"--resume: {e}")
-    if not isinstance(saved, dict) or saved.get("command") != args.command:
-        parser.error(f"--resume: {path} is not a {args.command} checkpoint of this script")
-    saved = {k: v for k, v in saved.items() if k not in ("resume", "save_dir", "command")}
-    return lic_common.resumed_settings(parser, args, argv, saved, RESUME_MAY_CHANGE)
+    return lic_common.resumed_settings(parser, args, argv, path, ("config",), RESUME_MAY_CHANGE,
+                                       own=("resume", "save_dir", "command"))  # fmt: skip
 
 
 def main(argv: list[str]) -> dict:

@@ -285,11 +285,24 @@ def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[st
     return {a.dest for a in actions if written & set(a.option_strings)}
 
 
-def resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str], saved: dict,
-                     may_change: frozenset[str]) -> argparse.Namespace:  # fmt: skip
-    """A resumed run is the same run: its settings are ``saved`` (the run's configuration), not the
-    defaults. An option written out in ``argv`` overrides one of ``may_change`` with a printed line
-    and is refused (``parser.error``) for any other setting it would change."""
+def resumed_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str], path: str | os.PathLike,
+                     keys: tuple[str, ...], may_change: frozenset[str], own: tuple[str, ...]) -> argparse.Namespace:  # fmt: skip
+    """A resumed run is the same run: its settings are the ones saved in its checkpoint ``path``
+    (under ``keys``), not the defaults, except ``own`` (where the run is and how it is resumed:
+    always the command line's). An option written out in ``argv`` overrides one of ``may_change``
+    with a printed line and is refused (``parser.error``) for any other setting it would change."""
+    if not Path(path).is_file():
+        parser.error(f"--resume: no checkpoint at {path}")
+    try:
+        saved = load_checkpoint(path)
+    except CheckpointError as e:
+        parser.error(f"--resume: {e}")
+    for key in keys:
+        saved = saved.get(key) if isinstance(saved, dict) else None
+    command = getattr(args, "command", None)
+    if not isinstance(saved, dict) or saved.get("command", command) != command:
+        parser.error(f"--resume: {path} is not a {command or 'training'} checkpoint of this script (no saved settings)")
+    saved = {k: v for k, v in saved.items() if k not in own}
     resolved = {**vars(args), **saved}
     for name in sorted(explicit_options(parser, argv)):
         if name not in saved or getattr(args, name, None) == saved[name]:

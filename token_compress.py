@@ -673,14 +673,8 @@ def resumed_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     """``train --resume``: the settings of the run in ``--output_dir`` (its last checkpoint's), an
     explicit flag overriding what may change (with a printed line) and refused for the rest."""
     path = Path(args.output_dir) / "last_model.pt"
-    try:
-        saved = lic_common.load_checkpoint(path).get("args")
-    except lic_common.CheckpointError as e:
-        parser.error(f"--resume: {e}")
-    if not isinstance(saved, dict):
-        parser.error(f"--resume: {path} is not a token_compress.py training checkpoint")
-    saved = {k: v for k, v in saved.items() if k not in ("resume", "output_dir", "command")}
-    return lic_common.resumed_settings(parser, args, argv, saved, RESUME_MAY_CHANGE)
+    return lic_common.resumed_settings(parser, args, argv, path, ("args",), RESUME_MAY_CHANGE,
+                                       own=("resume", "output_dir", "command"))  # fmt: skip
 
 
 def main(argv: list[str]) -> dict:

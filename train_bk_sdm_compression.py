@@ -477,16 +477,8 @@ def resumed_args(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     explicit flag overrides one of ``RESUME_MAY_CHANGE`` (a printed line says so) and is refused
     for any other setting it would change (start another run from its weights with --init_from)."""
     path = Path(args.output_dir) / "last_checkpoint.pth" if args.resume == "last" else Path(args.resume)
-    if not path.is_file():
-        parser.error(f"--resume {args.resume}: no checkpoint at {path}")
-    try:
-        saved = lic_common.load_checkpoint(path).get("run_config", {}).get("args")
-    except lic_common.CheckpointError as e:
-        parser.error(str(e))
-    if not isinstance(saved, dict):
-        parser.error(f"--resume: {path} is not a training checkpoint of this script (no run configuration)")
-    saved = {k: v for k, v in saved.items() if k not in ("resume", "output_dir")}
-    return lic_common.resumed_settings(parser, args, argv, saved, RESUME_MAY_CHANGE)
+    return lic_common.resumed_settings(parser, args, argv, path, ("run_config", "args"), RESUME_MAY_CHANGE,
+                                       own=("resume", "output_dir"))  # fmt: skip
 
 
 # ---- Training ----
