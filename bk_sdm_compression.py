@@ -95,7 +95,6 @@ from compressai.layers import GDN
 from compressai.models import CompressionModel
 from compressai.models.base import get_scale_table
 from compressai.models.utils import conv, deconv
-from diffusers import UNet2DModel
 
 # ---- Configuration ----
 
@@ -328,7 +327,17 @@ def _zero_conv_like(conv_layer: nn.Conv2d, in_channels: int, out_channels: int) 
     return new
 
 
-def scratch_unet(M: int, channels: int, levels: int, layers_per_block: int, norm_group_channels: int) -> UNet2DModel:
+def is_scratch_unet(unet: nn.Module | None) -> bool:
+    """Whether ``unet`` is the from-scratch diffusers ``UNet2DModel`` (diffusers is imported where
+    a model is built, not with this module: ``--help`` stays fast)."""
+    if unet is None:
+        return False
+    from diffusers import UNet2DModel
+
+    return isinstance(unet, UNet2DModel)
+
+
+def scratch_unet(M: int, channels: int, levels: int, layers_per_block: int, norm_group_channels: int) -> nn.Module:
     """A small diffusers U-Net: [innovation, known mask, mu0, log sigma0] (4M channels) -> a mean
     shift and a log scale factor (2M channels; see ``DiffusionHyperprior._predict``). Its output
     convolution starts at zero, so before training every step predicts what the hyper-decoder
@@ -340,6 +349,8 @@ def scratch_unet(M: int, channels: int, levels: int, layers_per_block: int, norm
     diffusers adds before it, and every per-channel level of the features.
     """
     widths = tuple(channels * 2**i for i in range(levels))
+    from diffusers import UNet2DModel
+
     unet = UNet2DModel(
         in_channels=4 * M,
         out_channels=2 * M,
@@ -581,7 +592,7 @@ def check_exact_unet(unet: nn.Module) -> None:
     """``ExactError`` unless ``unet`` is a U-Net the integer walk reproduces (the from-scratch one)."""
     cfg = unet.config
     problems = []
-    if not isinstance(unet, UNet2DModel):
+    if not is_scratch_unet(unet):
         problems.append(f"{type(unet).__name__} (BK-SDM's pretrained U-Net, with attention)")
     else:
         if cfg.resnet_time_scale_shift != "scale_shift" or cfg.act_fn != "silu" or cfg.add_attention:
@@ -900,7 +911,7 @@ class _ShapeOps:
         ops = _ShapeOps(None, "hs.in")
         _walk_hyper(ops, model.h_s, None)
         names = ["hs.in", *ops.names]
-        if isinstance(model.unet, UNet2DModel):
+        if is_scratch_unet(model.unet):
             ops = _ShapeOps(None, "unet.in")
             _walk_unet(ops, model.unet, None)
             names += ["unet.in", *ops.names]
@@ -1285,7 +1296,7 @@ class DiffusionHyperprior(CompressionModel):
         self.eval()
         try:
             self.h_s = _RecordingHyper(h_s, ops)
-            if isinstance(unet, UNet2DModel):
+            if is_scratch_unet(unet):
                 self.unet = _RecordingUNet(unet, ops)
             for x in images:
                 self((x[None] if x.dim() == 3 else x).to(device))

@@ -429,7 +429,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--output_dir", default="./outputs", help="everything the run writes goes here")
     g.add_argument("--resume", default=None, help="checkpoint to continue from ('last': output_dir/last_checkpoint.pth)")
     g.add_argument("--calibration_crops", type=int, default=8, help="the codec: training crops that set the exact integer entropy model's ranges each time best_checkpoint.pth is saved")
-    g.add_argument("--init_from", default=None, help="start a new run (new optimizer, schedule and step count) from the model of this training checkpoint, e.g. another rate point's; its architecture and sizes replace --model/--N/--M")
+    g.add_argument("--init_from", default=None, help="start a new run (new optimizer, schedule and step count) from the model of this checkpoint (a training one, e.g. another rate point's, or a codec checkpoint such as a shipped one); its architecture and sizes replace --model/--N/--M")
     g.add_argument("--seed", type=int, default=42, help="random seed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     g.add_argument("--val_interval", type=int, default=1, help="validate (and save best) every this many epochs")
@@ -515,7 +515,7 @@ class Trainer:
         self.signal_received = None  # SIGINT / SIGTERM number: stop after the step in progress
         self.interrupted = False  # a signal was received on some rank, as all ranks agree
         resume_ckpt = self._resume_checkpoint()
-        init_ckpt = self._training_checkpoint(args.init_from) if args.init_from and not resume_ckpt else None
+        init_ckpt = self._init_checkpoint(args.init_from) if args.init_from and not resume_ckpt else None
         source = resume_ckpt or init_ckpt
         self.config = source["run_config"]["model"] if source else model_config(args)
         lic_common.seed_everything(args.seed)
@@ -557,6 +557,16 @@ class Trainer:
         if ckpt["run_config"]["model"]["architecture"] == bk.ARCHITECTURE:
             bk.check_codec_checkpoint(ckpt, path, formats=(2, bk.CODEC_FORMAT))  # format 2's weights still train
         return ckpt
+
+    @classmethod
+    def _init_checkpoint(cls, path) -> dict:
+        """What ``--init_from`` starts from: a training checkpoint, or a codec checkpoint (a
+        shipped or slim one: its config and weights)."""
+        ckpt = lic_common.load_checkpoint(Path(path))
+        if "run_config" in ckpt or ckpt.get("architecture") != bk.ARCHITECTURE:
+            return cls._training_checkpoint(path)
+        bk.check_codec_checkpoint(ckpt, path)
+        return {"run_config": {"model": {"architecture": bk.ARCHITECTURE, "codec": ckpt["config"]}}, "state_dict": ckpt["state_dict"]}
 
     def _build_data(self) -> tuple[DataLoader, DataLoader]:
         args = self.args

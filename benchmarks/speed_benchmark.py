@@ -42,7 +42,7 @@ import exact_benchmark  # noqa: E402
 import lic_common  # noqa: E402
 import train_bk_sdm_compression as tr  # noqa: E402
 
-REFERENCE = "bmshj2018-hyperprior"
+BASELINES = ("bmshj2018-hyperprior", "mbt2018-mean")  # CompressAI models of the same N / M
 
 
 def build_models(args) -> dict[str, torch.nn.Module]:
@@ -61,11 +61,12 @@ def build_models(args) -> dict[str, torch.nn.Module]:
     if args.hyperprior_checkpoint:
         hp = ev.load_learned(args.hyperprior_checkpoint, argparse.Namespace(bk_sdm_path=None, diffusion_steps=None))
     else:
-        from compressai.models import ScaleHyperprior
+        from compressai.models import MeanScaleHyperprior, ScaleHyperprior
 
-        hp = ScaleHyperprior(args.N, args.M)
+        N, M = (ours.config.N, ours.config.M) if args.checkpoint else (args.N, args.M)
+        hp = (ScaleHyperprior if args.baseline == "bmshj2018-hyperprior" else MeanScaleHyperprior)(N, M)
         hp.update(force=True)
-    return {f"ours ({ours.inference_steps} steps)": ours.eval(), "ours (0 steps)": ours_0.eval(), REFERENCE: hp.eval()}
+    return {f"ours ({ours.inference_steps} steps)": ours.eval(), "ours (0 steps)": ours_0.eval(), args.baseline: hp.eval()}
 
 
 class FloatEntropyCodec:
@@ -165,7 +166,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--kodak", default=str(ROOT.parent / "shared" / "data" / "kodak"), help="images to code")
     p.add_argument("--checkpoint", default=None, help="trained diffusion-hyperprior checkpoint (else a fresh model)")
-    p.add_argument("--hyperprior_checkpoint", default=None, help="trained bmshj2018-hyperprior checkpoint (else a fresh model)")
+    p.add_argument("--baseline", default=BASELINES[0], choices=BASELINES, help="the CompressAI model the ratios are against")
+    p.add_argument("--hyperprior_checkpoint", default=None, help="trained checkpoint of --baseline (else a fresh one of the codec's N / M)")
     p.add_argument("--N", type=int, default=64, help="channels of fresh models")
     p.add_argument("--M", type=int, default=96, help="latent channels of fresh models")
     p.add_argument("--diffusion_steps", type=int, default=4, help="reverse steps of a fresh model")
@@ -193,12 +195,12 @@ def main(argv) -> dict:
     ours = next(iter(models.values()))
     unet = unet_step_seconds(ours.cpu(), images[0], 5) if device.type == "cpu" else None
     throughput = training_throughput(args, {k: v.cpu() for k, v in build_models(args).items()}, args.train_steps) if device.type == "cpu" else {}
-    ref = coding[REFERENCE]
+    ref = coding[args.baseline]
     result = {
         "device": str(device), "threads": args.threads, "images": len(images), "checkpoints": [args.checkpoint, args.hyperprior_checkpoint],
         "coding": coding, "peak_memory_mb": memory, "unet_seconds_per_step": unet, "training_images_per_second": throughput,
-        "ratios_vs_" + REFERENCE: {name: {"encode": c["encode"] / ref["encode"], "decode": c["decode"] / ref["decode"],
-                                          "training": (throughput[REFERENCE] / throughput[name]) if name in throughput else None}
+        "ratios_vs_" + args.baseline: {name: {"encode": c["encode"] / ref["encode"], "decode": c["decode"] / ref["decode"],
+                                          "training": (throughput[args.baseline] / throughput[name]) if name in throughput else None}
                                    for name, c in coding.items()},
     }  # fmt: skip
     ours_name = next(iter(models))
@@ -207,7 +209,7 @@ def main(argv) -> dict:
         result["training_step_vs_no_diffusion"] = throughput["ours (0 steps)"] / throughput[ours_name]
     print(f"{'model':<22}{'encode s':>10}{'decode s':>10}{'enc ratio':>11}{'dec ratio':>11}{'peak MB':>9}{'train img/s':>13}")
     for name, c in coding.items():
-        r = result["ratios_vs_" + REFERENCE][name]
+        r = result["ratios_vs_" + args.baseline][name]
         print(f"{name:<22}{c['encode']:>10.3f}{c['decode']:>10.3f}{r['encode']:>11.2f}{r['decode']:>11.2f}"
               f"{memory.get(name, float('nan')):>9.0f}{throughput.get(name, float('nan')):>13.1f}")  # fmt: skip
     e = result["exact_vs_float_entropy_model"]

@@ -23,6 +23,15 @@ def _seed():
     np.random.seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request, monkeypatch):
+    """Every test runs on the CPU, as CI does, also where a GPU is (the scripts' --device defaults
+    to cuda when one is visible): only tests marked ``cuda`` see it, child processes included."""
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture(scope="session")
 def tiny_bk_sdm(tmp_path_factory) -> Path:
     """A diffusers folder shaped like nota-ai/bk-sdm-small (vae/, unet/, scheduler/), tiny and random,

@@ -13,8 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+import bk_sdm_compression as bk
 import lic_common
 from conftest import ROOT, write_image
+from test_codec import perturbed, save_ckpt, tiny_model
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -383,3 +385,22 @@ def test_codec_probes_step_times_time_every_variant(monkeypatch):
     assert set(got) == {"fp32"} and len(compiled) == 3
     assert {"codec, 4 steps", "codec, 0 steps, compiled", "bmshj2018-hyperprior, compiled"} <= set(got["fp32"])
     assert all(t > 0 for t in got["fp32"].values()) and len(got["fp32"]) == 8
+
+
+def test_gpu_check_script_runs_every_stage_in_its_dry_mode(tmp_path):
+    """scripts/gpu_check.sh --dry-run: the same stages as on a GPU, on the CPU with tiny settings."""
+    ckpt = save_ckpt(perturbed(tiny_model()).eval(), tmp_path / "tiny.pth")
+    for i in range(4):
+        write_image(tmp_path / "imgs" / f"im{i}.png", (72, 80), seed=i)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--out", str(out), "--runs", str(tmp_path / "runs"),
+                           "--checkpoint", str(ckpt), "--data", str(tmp_path / "imgs"), "--kodak", str(tmp_path / "imgs")],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["tests", "exact_cuda", "speed", "train"]
+    assert all(s["rc"] == 0 for s in summary["stages"])
+    assert "ratios_vs_mbt2018-mean" in json.loads((out / "speed.json").read_text())
+    assert json.loads((out / "exact_cuda.json").read_text())
+    model, _ = bk.load_codec(out / "trained-lambda1.2e-3.pth")  # the trained run, slim, codes
+    assert model.exact is not None

@@ -433,6 +433,17 @@ def test_init_from_starts_a_new_run_from_another_runs_model(image_dir, tmp_path)
         tr.Trainer(tr.parse_args(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "c"), *TINY, "--init_from", str(tmp_path / "bare.pth")]))
 
 
+def test_init_from_takes_a_codec_checkpoint_such_as_a_shipped_one(image_dir, tmp_path):
+    run_train(image_dir, tmp_path / "a", "--epochs", "1")
+    slim = bk.slim_checkpoint(lic_common.load_checkpoint(tmp_path / "a" / "best_checkpoint.pth"))
+    lic_common.save_checkpoint(slim, tmp_path / "slim.pth")
+    trainer = tr.Trainer(tr.parse_args(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "b"), *TINY,
+                                        "--init_from", str(tmp_path / "slim.pth")]))  # fmt: skip
+    assert trainer.config["codec"] == slim["config"] and trainer.state.step == 0
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k], v.float()) for k, v in slim["state_dict"].items())
+
+
 @pytest.mark.parametrize("flags", [["--N", "0"], ["--lambda_rate", "-1"], ["--val_fraction", "1.5"], ["--epochs", "0"],
                                    ["--batch_size", "0"], ["--calibration_crops", "0"]])  # fmt: skip
 def test_training_flags_out_of_range_are_refused_before_anything_starts(flags, tmp_path, capsys):
