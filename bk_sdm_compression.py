@@ -132,6 +132,7 @@ class CodecConfig:
     latent_gain_init: float = 4.0
     adapter_grid: int = 8
     scale_table_levels: int = 256
+    quality_lambdas: list[float] | None = None  # variable rate: the rate weight of quality 1, 2, ... (decreasing)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -149,6 +150,14 @@ class CodecConfig:
             raise ValueError(f"diffusion_strength must be in (0, 1], got {self.diffusion_strength}")
         if (self.use_pretrained_vae or self.use_pretrained_unet) and not self.bk_sdm_path:
             raise ValueError("pretrained components need bk_sdm_path (a diffusers folder or a hub id)")
+        q = self.quality_lambdas
+        if q is not None and (len(q) < 2 or min(q) <= 0 or any(a <= b for a, b in zip(q, q[1:]))):
+            raise ValueError(f"quality_lambdas must be 2 or more positive rate weights, decreasing (quality 1 codes smallest), got {q}")
+
+    @property
+    def rate_levels(self) -> int:
+        """Trained quality levels of a variable-rate model (its qualities are the reals in [1, levels]); 0: fixed rate."""
+        return len(self.quality_lambdas or ())
 
     @property
     def channel_slices(self) -> int:
@@ -415,6 +424,7 @@ NORM_BITS, NORM_EXTRA_BITS, VAR_SHIFT = 16, 12, 4  # GroupNorm: output fraction 
 LEAKY_SLOPE_BITS = 16
 HEADROOM = 4  # calibration: the largest value seen uses a quarter of the range
 DEFAULT_EXPONENT = 12  # an uncalibrated point holds [-128, 128) in steps of 2**-12
+QUALITY_FRACTION_BITS = 8  # variable rate: a file records its quality q as round((q - 1) * 2**8)
 
 
 def _decimal_table(fn, xs) -> torch.Tensor:
@@ -734,6 +744,7 @@ class ExactPrior(nn.Module):
         ln_table, self.ln2 = _ln_table()
         self.ln_table = ln_table.to(device)
         self.thresholds = state["thresholds"].to(device)
+        self.log_steps = state.get("log_steps")  # variable rate: (levels, M) at LOG_BITS
         self._int_convs(model.h_s, _walk_hyper, "hs.in")
         self.f_latent = self.convs[next(reversed(self.convs))]["f_out"]  # h_s's last convolution: mu0, sigma0
         self.scale_floor = math.ceil(float(model.gaussian_conditional.lower_bound_scale.bound) * 2**self.f_latent)
@@ -801,11 +812,15 @@ class ExactPrior(nn.Module):
                 }
         table = model.gaussian_conditional.scale_table.double()
         thresholds = torch.floor(table[:-1].log() * 2**LOG_BITS).long()
-        return {"exponents": exponents, "norms": norms, "thresholds": thresholds}
+        state = {"exponents": exponents, "norms": norms, "thresholds": thresholds}
+        if model.log_steps is not None:
+            state["log_steps"] = torch.round(model.log_steps.detach().double().cpu() * 2**LOG_BITS).long()
+        return state
 
     def state(self) -> dict:
-        return {"exponents": dict(self.exponents), "norms": {k: dict(v) for k, v in self.norms.items()},
-                "thresholds": self.thresholds}  # fmt: skip
+        state = {"exponents": dict(self.exponents), "norms": {k: dict(v) for k, v in self.norms.items()},
+                 "thresholds": self.thresholds}  # fmt: skip
+        return state | ({"log_steps": self.log_steps} if self.log_steps is not None else {})
 
     def _apply(self, fn, recurse=True):
         """``.to(device)`` moves the integer tables; no dtype change reaches them (``.half()``
@@ -815,6 +830,8 @@ class ExactPrior(nn.Module):
             return fn(t).to(t.dtype)
 
         self.silu_table, self.ln_table, self.thresholds = move(self.silu_table), move(self.ln_table), move(self.thresholds)
+        if self.log_steps is not None:
+            self.log_steps = move(self.log_steps)
         for table in (*self.convs.values(), *self.norms.values()):
             for k, v in table.items():
                 if torch.is_tensor(v):
@@ -839,6 +856,26 @@ class ExactPrior(nn.Module):
         m = torch.where(e >= LN_MANTISSA_BITS, s >> (e - LN_MANTISSA_BITS).clamp(min=0),
                         s << (LN_MANTISSA_BITS - e).clamp(min=0))  # the top LN_MANTISSA_BITS + 1 bits
         return (e - self.f_latent) * self.ln2 + self.ln_table[m - (1 << LN_MANTISSA_BITS)]
+
+    def steps(self, code: int | None, M: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantization step of each latent channel: (M,) int64 at f_latent, and its log at
+        LOG_BITS. Variable rate: the stored log-steps of the two levels around the file's quality
+        ``code``, interpolated in integers, and exp by ``decimal`` (correctly rounded, the same on
+        every machine). Fixed rate (``code`` None): 1."""
+        device = self.thresholds.device
+        if code is None:
+            return torch.full((M,), 1 << self.f_latent, device=device), torch.zeros(M, dtype=torch.long, device=device)
+        from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+
+        one = 1 << QUALITY_FRACTION_BITS
+        i = min(code >> QUALITY_FRACTION_BITS, len(self.log_steps) - 2)
+        frac = code - i * one
+        log = (self.log_steps[i].cpu() * (one - frac) + self.log_steps[i + 1].cpu() * frac) >> QUALITY_FRACTION_BITS
+        with localcontext() as ctx:
+            ctx.prec = 40
+            scale = Decimal(2**self.f_latent)
+            step = [int(((Decimal(v) / 2**LOG_BITS).exp() * scale).to_integral_value(ROUND_HALF_EVEN)) for v in log.tolist()]
+        return torch.tensor(step).clamp(min=1).to(device), log.to(device)
 
     def indexes(self, log_scale: torch.Tensor) -> torch.Tensor:
         """Scale-table index of each log-scale: the number of thresholds below it."""
@@ -1030,6 +1067,50 @@ class DiffusionHyperprior(CompressionModel):
         # the calibration maxima its exponents come from (None: the default exponents)
         self.exact: ExactPrior | None = None
         self.calibration: dict[str, float] | None = None
+        # variable rate: the log quantization step of each latent channel at each quality level
+        levels = config.rate_levels
+        self.log_steps = nn.Parameter(torch.zeros(levels, M)) if levels else None
+
+    # -- variable rate --
+
+    def quality_code(self, quality: float | None) -> int | None:
+        """The integer a file records for ``quality`` (steps of 2**-QUALITY_FRACTION_BITS), None for
+        a fixed-rate model; ValueError where the model takes no such quality."""
+        levels = self.config.rate_levels
+        if not levels:
+            if quality is not None:
+                raise ValueError("this checkpoint codes at one rate: it takes no quality (train a variable-rate one for that)")
+            return None
+        if quality is None or not 1 <= quality <= levels:
+            raise ValueError(f"this variable-rate checkpoint needs a quality in [1, {levels}], got {quality}")
+        return round((quality - 1) * 2**QUALITY_FRACTION_BITS)
+
+    def _interpolate(self, table: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+        """Rows of ``table`` (levels, ...) at real positions quality - 1 (B,), linearly."""
+        pos = (quality.float() - 1).clamp(0, len(table) - 1)
+        i = pos.floor().long().clamp(max=len(table) - 2)
+        frac = (pos - i).view(-1, *[1] * (table.dim() - 1))
+        return table[i] * (1 - frac) + table[i + 1] * frac
+
+    def quantization_step(self, quality: torch.Tensor) -> torch.Tensor:
+        """(B,) qualities in [1, levels] -> (B, M, 1, 1) quantization steps, log-linear between the
+        trained levels (floating point, for training; the coder uses ``ExactPrior.steps``)."""
+        return self._interpolate(self.log_steps, quality).exp()[:, :, None, None]
+
+    def quality_lambda(self, quality: torch.Tensor) -> torch.Tensor:
+        """(B,) qualities -> (B,) rate weights, log-linear between the levels' ``quality_lambdas``."""
+        lambdas = torch.tensor(self.config.quality_lambdas, dtype=torch.float64, device=quality.device)
+        return self._interpolate(lambdas.log(), quality).exp().float()
+
+    def _step_for(self, quality, batch: int, device) -> torch.Tensor | None:
+        if not self.config.rate_levels:
+            if quality is not None:
+                raise ValueError("this model codes at one rate: it takes no quality")
+            return None
+        if quality is None:
+            raise ValueError(f"a variable-rate model needs a quality in [1, {self.config.rate_levels}] per image")
+        quality = torch.as_tensor(quality, dtype=torch.float32, device=device).expand(batch)
+        return self.quantization_step(quality)
 
     # -- the masked-diffusion prior --
 
@@ -1175,8 +1256,10 @@ class DiffusionHyperprior(CompressionModel):
 
     # -- CompressAI contract --
 
-    def forward(self, x: torch.Tensor) -> dict:
+    def forward(self, x: torch.Tensor, quality: torch.Tensor | float | None = None) -> dict:
+        """Variable-rate models take ``quality``: one value or one per image, in [1, levels]."""
         height, width = x.shape[-2:]
+        step = self._step_for(quality, x.shape[0], x.device)
         y = self.g_a(self._pad(x))
         z = self.h_a(y)
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -1186,38 +1269,50 @@ class DiffusionHyperprior(CompressionModel):
         likelihoods = {"z": z_likelihoods}
         rate_weight = None
         if self.training:
-            # the noisy proxy of round(y - mu) + mu (drawn in logical order: the same in any memory format)
-            y_coded = y + torch.rand(y.shape, device=y.device).sub_(0.5)
+            # the noisy proxy of round((y - mu) / step) * step + mu (drawn in logical order: the same
+            # in any memory format)
+            noise = torch.rand(y.shape, device=y.device).sub_(0.5)
+            y_coded = y + (noise if step is None else noise * step)
             means, scales, residual, rate_weight = self._teacher_forced(y_coded, mu0, sigma0)
             y_hat = y_coded if self.config.mode == "residual" else means
             if self.decoder_ste and self.config.mode == "residual":
-                y_hat = y + (torch.round(y - means) + means - y).detach()
+                rounded = torch.round(y - means) if step is None else torch.round((y - means) / step) * step
+                y_hat = y + (rounded + means - y).detach()
             if residual is not None:
                 y_hat = y_hat + residual
         else:
+            full_step = None if step is None else step.expand_as(y)
+
             def quantize(k, selected, means, scales):
-                return self.gaussian_conditional.quantize(y[:, selected], "dequantize", means)
+                if full_step is None:
+                    return self.gaussian_conditional.quantize(y[:, selected], "dequantize", means)
+                s = full_step[:, selected]
+                return torch.round((y[:, selected] - means) / s) * s + means
 
             y_hat, means, scales, y_coded = self._run_chain(mu0, sigma0, quantize if self.config.mode == "residual" else _predicted)
         if self.config.mode == "residual":
             with torch.autocast(device_type=x.device.type, enabled=False):
-                likelihoods["y"] = self._y_likelihoods(y_coded, scales, means)
+                if step is None:
+                    likelihoods["y"] = self._y_likelihoods(y_coded, scales, means)
+                else:  # in units of the step: the coder codes round((y - mu) / step) with scale sigma / step
+                    likelihoods["y"] = self._y_likelihoods(y_coded / step, self.gaussian_conditional.lower_bound_scale(scales / step), means / step)
                 if rate_weight is not None:  # one sampled step: L^w, see _teacher_forced (float64: L^w underflows fp32)
                     likelihoods["y"] = likelihoods["y"].double().pow(rate_weight)
         x_hat = self.g_s(y_hat)[..., :height, :width]
         return {"x_hat": x_hat, "y": y, "z": z, "y_hat": y_hat, "prediction": means, "scales": scales, "likelihoods": likelihoods}
 
-    def _exact_chain(self, z_hat: torch.Tensor, code_group: Callable) -> torch.Tensor:
+    def _exact_chain(self, z_hat: torch.Tensor, code_group: Callable, quality_code: int | None = None) -> torch.Tensor:
         """The reverse chain in the integer form, as encoder and decoder both run it.
-        ``code_group(k, selected, means, indexes)`` gets group k's integer means and scale indexes
-        ((B, n_k) each) and returns its integer symbols. -> y_hat as int64 at ``exact.f_latent``."""
+        ``code_group(k, selected, means, indexes, steps)`` gets group k's integer means and scale
+        indexes ((B, n_k) each) and quantization steps ((n_k,), at ``exact.f_latent``) and returns
+        its integer symbols. -> y_hat as int64 at ``exact.f_latent``."""
         ex = self.exact
         if ex is None:
             raise RuntimeError("the model has no exact entropy model yet: call update() (or load a converted checkpoint)")
         with torch.autocast(z_hat.device.type, enabled=False):  # float64 is never autocast; made explicit
-            return self._exact_steps(ex, z_hat, code_group)
+            return self._exact_steps(ex, z_hat, code_group, quality_code)
 
-    def _exact_steps(self, ex: ExactPrior, z_hat: torch.Tensor, code_group: Callable) -> torch.Tensor:
+    def _exact_steps(self, ex: ExactPrior, z_hat: torch.Tensor, code_group: Callable, quality_code: int | None) -> torch.Tensor:
         mu0, sigma0 = ex.hyper(z_hat, self.h_s)
         log_sigma0 = ex.log(sigma0)
         B, M, h, w = mu0.shape
@@ -1226,6 +1321,7 @@ class DiffusionHyperprior(CompressionModel):
             raise ExactError("this model's U-Net (BK-SDM's pretrained one) has no exact integer form: "
                              "code with 0 diffusion steps (--diffusion_steps 0)")  # fmt: skip
         groups = self.reveal_groups(h, w, mu0.device)
+        step, log_step = (t[:, None, None].expand(M, h, w) for t in ex.steps(quality_code, M))
         state, cache = mu0.clone(), {}
         for k in range(max(1, self.inference_steps if residual else 1)):
             selected = groups == k
@@ -1235,8 +1331,9 @@ class DiffusionHyperprior(CompressionModel):
                 known = (groups < k).expand(B, M, h, w)
                 means, log_scales, _ = ex.predict(self.unet, state, known, rows, mu0, sigma0, log_sigma0, cache)
             if residual:
-                symbols = code_group(k, selected, means[:, selected], ex.indexes(log_scales[:, selected]))
-                state[:, selected] = (symbols.to(state.device) << ex.f_latent) + means[:, selected]
+                indexes = ex.indexes(log_scales[:, selected] - log_step[selected])
+                symbols = code_group(k, selected, means[:, selected], indexes, step[selected])
+                state[:, selected] = symbols.to(state.device) * step[selected] + means[:, selected]
             else:
                 state[:, selected] = means[:, selected]
         if self.inference_steps and residual and self.latent_denoise:
@@ -1245,13 +1342,19 @@ class DiffusionHyperprior(CompressionModel):
             state = state + ex.predict(self.unet, state, everything, rows, mu0, sigma0, log_sigma0, cache)[2]
         return state
 
+    def synthesize(self, y_hat: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The decoded latent -> the picture (B, 3, height, width) in [0, 1]."""
+        return self.g_s(y_hat)[..., :height, :width].clamp(0, 1)
+
     def _latent(self, y_q: torch.Tensor) -> torch.Tensor:
         return (y_q.double() * _pow2(-self.exact.f_latent)).float()
 
     @torch.no_grad()
-    def compress(self, x: torch.Tensor) -> dict:
+    def compress(self, x: torch.Tensor, quality: float | None = None) -> dict:
         """-> {"strings": one list per revealed group, then z's; "shape": (H, W); "digests": one
-        ``latent_digest`` per image, which the decoder must reach}."""
+        ``latent_digest`` per image, which the decoder must reach; "y_hat": the decoder's latent}.
+        A variable-rate model takes ``quality`` (in [1, levels]; it codes at ``quality_code``'s)."""
+        quality_code = self.quality_code(quality)
         height, width = x.shape[-2:]
         y = self.g_a(self._pad(x)).float()
         z = self.h_a(y)
@@ -1259,30 +1362,34 @@ class DiffusionHyperprior(CompressionModel):
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
         gc, strings = self.gaussian_conditional, []
 
-        def code(k, selected, means, indexes):
-            symbols = torch.round(y[:, selected].double() - means.double() * _pow2(-self.exact.f_latent)).long()
+        def code(k, selected, means, indexes, steps):
+            # round((y - mean) / step), all in units of 2**-f_latent (exact in float64; step 2**f: round(y - mean))
+            scaled = y[:, selected].double() * _pow2(self.exact.f_latent) - means.double()
+            symbols = torch.round(scaled / steps.double()).long()
             strings.append([gc.encode_symbols(s, i) for s, i in zip(symbols, indexes)])
             return symbols
 
-        y_q = self._exact_chain(z_hat, code)
+        y_q = self._exact_chain(z_hat, code, quality_code)
         digests = [latent_digest(y_q[b], z_hat[b]) for b in range(len(y_q))]
-        return {"strings": [*strings, z_strings], "shape": (height, width), "digests": digests}
+        return {"strings": [*strings, z_strings], "shape": (height, width), "digests": digests, "y_hat": self._latent(y_q)}
 
     @torch.no_grad()
-    def decompress(self, strings: list, shape: tuple[int, int]) -> dict:
-        """-> {"x_hat", "y_hat", "digests"} (compare the digests with the encoder's)."""
+    def decompress(self, strings: list, shape: tuple[int, int], quality: float | None = None) -> dict:
+        """-> {"x_hat", "y_hat", "digests"} (compare the digests with the encoder's). A
+        variable-rate model takes the encoder's ``quality``."""
+        quality_code = self.quality_code(quality)
         height, width = shape
         if len(strings) != self.num_strings:
             raise ValueError(f"expected {self.num_strings} string lists (one per revealed group, then z), got {len(strings)}")
         z_hat = self.entropy_bottleneck.decompress(strings[-1], self.z_shape(height, width))
         gc = self.gaussian_conditional
 
-        def decode(k, selected, means, indexes):
+        def decode(k, selected, means, indexes, steps):
             return torch.stack([gc.decode_symbols(s, i) for s, i in zip(strings[k], indexes)])
 
-        y_q = self._exact_chain(z_hat, decode)
+        y_q = self._exact_chain(z_hat, decode, quality_code)
         y_hat = self._latent(y_q)
-        x_hat = self.g_s(y_hat)[..., :height, :width].clamp(0, 1)
+        x_hat = self.synthesize(y_hat, height, width)
         return {"x_hat": x_hat, "y_hat": y_hat, "digests": [latent_digest(y_q[b], z_hat[b]) for b in range(len(y_q))]}
 
     @torch.no_grad()
@@ -1298,8 +1405,10 @@ class DiffusionHyperprior(CompressionModel):
             self.h_s = _RecordingHyper(h_s, ops)
             if is_scratch_unet(unet):
                 self.unet = _RecordingUNet(unet, ops)
-            for x in images:
-                self((x[None] if x.dim() == 3 else x).to(device))
+            qualities = range(1, self.config.rate_levels + 1) if self.config.rate_levels else [None]
+            for x in images:  # a variable-rate model's ranges: over every trained level
+                for quality in qualities:
+                    self((x[None] if x.dim() == 3 else x).to(device), quality)
         finally:
             self.h_s, self.unet = h_s, unet
             self.train(was_training)
@@ -1635,8 +1744,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, data: str | Path, count
 # ---- Bitstream file ----
 
 MAGIC = b"BKSD"
-FORMAT_VERSION = 3  # 1: the Gaussian DDIM prior's files; 2: the float entropy model's
-_HEADER = struct.Struct(">4sBB8sIIHB8s")  # magic, version, mode, model id, height, width, steps, strings, latent digest
+FORMAT_VERSION = 4  # 1: the Gaussian DDIM prior's files; 2: the float entropy model's; 3: without quality
+_HEADER = struct.Struct(">4sBB8sIIHB8sH")  # magic, version, mode, model id, height, width, steps, strings, latent digest, quality
+_HEADER_3 = struct.Struct(">4sBB8sIIHB8s")  # format 3: no quality (fixed rate), still read
+NO_QUALITY = 0xFFFF  # the quality field of a fixed-rate model's file
 _LENGTH = struct.Struct(">I")
 _CRC = struct.Struct(">I")
 DEFAULT_MAX_PIXELS = 2**26
@@ -1654,6 +1765,11 @@ class Header:
     width: int
     diffusion_steps: int
     digest: bytes = bytes(8)  # ``latent_digest`` of the decoded latent
+    quality_code: int | None = None  # variable rate: ``DiffusionHyperprior.quality_code`` of the quality coded at
+
+    @property
+    def quality(self) -> float | None:
+        return None if self.quality_code is None else 1 + self.quality_code / 2**QUALITY_FRACTION_BITS
 
 
 def write_bitstream(header: Header, strings: list[bytes]) -> bytes:
@@ -1661,6 +1777,7 @@ def write_bitstream(header: Header, strings: list[bytes]) -> bytes:
     body = _HEADER.pack(
         MAGIC, FORMAT_VERSION, MODES.index(header.mode), header.model_id,
         header.height, header.width, header.diffusion_steps, len(strings), header.digest,
+        NO_QUALITY if header.quality_code is None else header.quality_code,
     )  # fmt: skip
     body += b"".join(_LENGTH.pack(len(s)) + s for s in strings)
     return body + _CRC.pack(zlib.crc32(body))
@@ -1672,22 +1789,24 @@ def read_bitstream(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[H
         raise BitstreamError("the file is empty")
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
         raise BitstreamError("not a bk_sdm_compression file (wrong magic bytes)")
-    if len(data) < _HEADER.size + _CRC.size:
+    version = data[len(MAGIC)] if len(data) > len(MAGIC) else None
+    if version not in (3, FORMAT_VERSION):
+        hint = " (made with the float entropy model: encode the image again)" if version == 2 else ""
+        raise BitstreamError(f"format version {version} is not supported{hint}; this reader knows 3 and {FORMAT_VERSION}")
+    layout = _HEADER if version == FORMAT_VERSION else _HEADER_3
+    if len(data) < layout.size + _CRC.size:
         raise BitstreamError(f"the file is truncated ({len(data)} bytes, shorter than the header)")
     (crc,) = _CRC.unpack(data[-_CRC.size :])
     body = data[: -_CRC.size]
-    version = body[len(MAGIC)]
-    if version != FORMAT_VERSION:
-        hint = " (made with the float entropy model: encode the image again)" if version == 2 else ""
-        raise BitstreamError(f"format version {version} is not supported{hint}; this reader knows {FORMAT_VERSION}")
-    _, version, mode, model_id, height, width, steps, count, digest = _HEADER.unpack(body[: _HEADER.size])
+    _, version, mode, model_id, height, width, steps, count, digest, *quality = layout.unpack(body[: layout.size])
+    quality_code = quality[0] if quality and quality[0] != NO_QUALITY else None
     if zlib.crc32(body) != crc:
         raise BitstreamError("checksum mismatch: the file is truncated or corrupted")
     if mode >= len(MODES):
         raise BitstreamError(f"unknown mode {mode} in header")
     if height == 0 or width == 0 or height * width > max_pixels:
         raise BitstreamError(f"header asks for a {width}x{height} image; the limit is {max_pixels} pixels")
-    strings, pos = [], _HEADER.size
+    strings, pos = [], layout.size
     for _ in range(count):
         if pos + _LENGTH.size > len(body):
             raise BitstreamError("the file ends inside a string length")
@@ -1699,21 +1818,27 @@ def read_bitstream(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[H
         pos += n
     if pos != len(body):
         raise BitstreamError(f"{len(body) - pos} unexpected bytes after the strings")
-    return Header(MODES[mode], model_id, height, width, steps, digest), strings
+    return Header(MODES[mode], model_id, height, width, steps, digest, quality_code), strings
 
 
 @torch.no_grad()
 def encode_image(
-    model: DiffusionHyperprior, x: torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS, model_id: bytes | None = None
-) -> bytes:
-    """One image (3, H, W) in [0, 1] -> the bytes of a file. Pass ``model_id`` (the model's
+    model: DiffusionHyperprior, x: torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS, model_id: bytes | None = None,
+    quality: float | None = None, reconstruct: bool = False,
+) -> bytes | tuple[bytes, torch.Tensor]:  # fmt: skip
+    """One image (3, H, W) in [0, 1] -> the bytes of a file (and, with ``reconstruct``, the picture
+    its decoder will show). Variable-rate models take ``quality``. Pass ``model_id`` (the model's
     ``fingerprint()``) when coding many images, to hash the weights once."""
     height, width = x.shape[-2:]
     if height * width > max_pixels:
         raise BitstreamError(f"the image has {width}x{height} pixels, over the limit of {max_pixels}")
-    out = model.compress(x.unsqueeze(0).to(next(model.parameters()).device))
-    header = Header(model.config.mode, model_id or model.fingerprint(), height, width, model.inference_steps, out["digests"][0])
-    return write_bitstream(header, [s[0] for s in out["strings"]])
+    out = model.compress(x.unsqueeze(0).to(next(model.parameters()).device), quality)
+    header = Header(model.config.mode, model_id or model.fingerprint(), height, width, model.inference_steps,
+                    out["digests"][0], model.quality_code(quality))  # fmt: skip
+    data = write_bitstream(header, [s[0] for s in out["strings"]])
+    if not reconstruct:
+        return data
+    return data, model.synthesize(out["y_hat"], height, width)[0]
 
 
 @torch.no_grad()
@@ -1736,13 +1861,83 @@ def decode_image(
         )
     if len(strings) != model.num_strings:
         raise BitstreamError(f"the file holds {len(strings)} strings; {model.num_strings} expected")
-    out = model.decompress([[s] for s in strings], (header.height, header.width))
+    levels = model.config.rate_levels
+    if (header.quality_code is None) != (not levels) or (levels and header.quality > levels):
+        raise BitstreamError(
+            f"the file was coded {'at one rate' if header.quality_code is None else f'at quality {header.quality:g}'}; "
+            f"this checkpoint is {'variable-rate (qualities 1 to %d)' % levels if levels else 'fixed-rate'}"
+        )
+    out = model.decompress([[s] for s in strings], (header.height, header.width), header.quality)
     if out["digests"][0] != header.digest:
         raise BitstreamError(
             "the decoded latent differs from the encoder's (latent checksum mismatch): this decoder computed other "
             "entropy parameters than the encoder, or the file is damaged; no image was written"
         )
     return out["x_hat"][0]
+
+
+@dataclass
+class TargetResult:
+    data: bytes
+    quality: float
+    value: float  # bytes or PSNR (dB) reached
+    met: bool
+    encodes: int
+
+
+TARGETS = ("size", "psnr")
+
+
+@torch.no_grad()
+def encode_to_target(
+    model: DiffusionHyperprior, x: torch.Tensor, kind: str, target: float, max_encodes: int = 8,
+    tolerance: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> TargetResult:  # fmt: skip
+    """Search a variable-rate model's quality for a file of ``target`` bytes (``kind`` "size":
+    within ``tolerance`` x target, default 2%) or a reconstruction of ``target`` dB PSNR ("psnr":
+    within ``tolerance`` dB, default 0.1), as ``cwebp -size`` / ``-psnr`` do: both grow with
+    quality, so the search brackets the target and interpolates (in log bytes, or in dB) between
+    the bracket's ends, at most ``max_encodes`` encodes. Returns the closest file found and
+    whether it is within the tolerance (it is not where the target lies outside the range)."""
+    levels = model.config.rate_levels
+    if not levels:
+        raise ValueError("a target size or PSNR needs a variable-rate checkpoint (this one codes at one rate)")
+    if kind not in TARGETS:
+        raise ValueError(f"kind must be one of {TARGETS}")
+    tolerance = (0.02 if kind == "size" else 0.1) if tolerance is None else tolerance
+    model_id = model.fingerprint()
+    reference = x.unsqueeze(0)
+
+    def measure(quality: float) -> tuple[float, bytes]:
+        data, x_hat = encode_image(model, x, max_pixels, model_id, quality, reconstruct=True)
+        value = float(len(data)) if kind == "size" else lic_common.psnr(reference, x_hat.cpu()[None])
+        return value, data
+
+    def within(value: float) -> bool:
+        return abs(value - target) <= (tolerance * target if kind == "size" else tolerance)
+
+    f = math.log if kind == "size" else (lambda v: v)
+    lo, hi = [1.0, None], [float(levels), None]  # quality, value at it (measured or not)
+    quality, tried = (1 + levels) / 2, []
+    for _ in range(max_encodes):
+        quality = round(quality * 2**QUALITY_FRACTION_BITS) / 2**QUALITY_FRACTION_BITS  # what the file can record
+        value, data = measure(quality)
+        tried.append((abs(value - target), quality, value, data))
+        if within(value):
+            break
+        bound = lo if value < target else hi
+        bound[:] = [quality, value]
+        if (value < target and quality >= levels) or (value > target and quality <= 1):
+            break  # the target is outside what this checkpoint reaches
+        if lo[1] is not None and hi[1] is not None:  # interpolate, keeping clear of the bracket's ends
+            t = (f(target) - f(lo[1])) / (f(hi[1]) - f(lo[1]))
+            quality = lo[0] + min(max(t, 0.1), 0.9) * (hi[0] - lo[0])
+        else:  # the other end of the range, unmeasured yet: it closes the bracket or shows the target outside
+            quality = hi[0] if hi[1] is None else lo[0]
+        if hi[0] - lo[0] < 2**-QUALITY_FRACTION_BITS:
+            break
+    _, quality, value, data = min(tried, key=lambda t: t[0])
+    return TargetResult(data, quality, value, within(value), len(tried))
 
 
 # ---- Command line ----
@@ -1762,6 +1957,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image (pixels) accepted")
         p.add_argument("--diffusion_steps", type=int, default=None,
                        help="reverse steps, the checkpoint's or 0 (default: the checkpoint's to compress, the file's to decompress)")
+        if name == "compress":
+            rate = p.add_mutually_exclusive_group()
+            rate.add_argument("--quality", type=float, default=None, help="variable-rate checkpoint: the quality, a real number from 1 (smallest files) to its level count")
+            rate.add_argument("--target_bpp", type=float, default=None, help="variable-rate checkpoint: search the quality for this many bits per pixel (within 2%%)")
+            rate.add_argument("--target_size", type=int, default=None, help="variable-rate checkpoint: search the quality for a file of this many bytes (within 2%%)")
+            rate.add_argument("--target_psnr", type=float, default=None, help="variable-rate checkpoint: search the quality for this PSNR in dB (within 0.1 dB)")
+            p.add_argument("--max_encodes", type=int, default=8, help="encodes a target search may take")
     p = sub.add_parser("convert", formatter_class=fmt,
                        help="a float (format 2) checkpoint -> the exact integer form (format 3), calibrated on training images")
     p.add_argument("input", help="codec checkpoint to convert")
@@ -1775,20 +1977,42 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error("--crops must be >= 1 and --crop_size >= 64")
     elif args.max_pixels < 1 or (args.diffusion_steps is not None and args.diffusion_steps < 0):
         parser.error("--max_pixels must be >= 1 and --diffusion_steps >= 0")
+    elif args.command == "compress":
+        if args.max_encodes < 1 or any(v is not None and v <= 0 for v in (args.quality, args.target_bpp, args.target_size, args.target_psnr)):
+            parser.error("--quality, --target_bpp, --target_size, --target_psnr and --max_encodes must be > 0")
     return args
 
 
 def run_compress(args: argparse.Namespace) -> dict:
     x = lic_common.load_image(args.input)  # a missing or broken image fails before the model loads
+    height, width = x.shape[-2:]
     model, _ = load_codec(args.checkpoint, args.device, args.bk_sdm_path, args.diffusion_steps)
+    target = (("size", args.target_size) if args.target_size else ("size", args.target_bpp * height * width / 8) if args.target_bpp
+              else ("psnr", args.target_psnr) if args.target_psnr else None)  # fmt: skip
+    levels = model.config.rate_levels
+    if levels and target is None and args.quality is None:
+        raise ValueError(f"this checkpoint is variable-rate: give --quality (1 to {levels}) or a --target_bpp / --target_size / --target_psnr")
     start = time.perf_counter()
-    data = encode_image(model, x, args.max_pixels)
+    found = None
+    if target is None:
+        data = encode_image(model, x, args.max_pixels, quality=args.quality)
+    else:
+        found = encode_to_target(model, x, *target, max_encodes=args.max_encodes, max_pixels=args.max_pixels)
+        data = found.data
     seconds = time.perf_counter() - start
     Path(args.output).write_bytes(data)
-    height, width = x.shape[-2:]
     result = {"bytes": len(data), "bpp": 8 * len(data) / (height * width), "encode_seconds": seconds}
-    print(f"{args.input} ({width}x{height}) -> {args.output}: {len(data)} bytes, {result['bpp']:.4f} bpp, {seconds:.2f} s")
-    return result
+    quality = found.quality if found else args.quality
+    if quality is not None:  # as the file records it
+        quality = 1 + model.quality_code(quality) / 2**QUALITY_FRACTION_BITS
+    note = "" if quality is None else f", quality {quality:g}"
+    if found:
+        result |= {"quality": found.quality, "target_met": found.met, "encodes": found.encodes}
+        asked = f"{target[1]:.0f} bytes" if target[0] == "size" else f"{target[1]:g} dB"
+        reached = f"{found.value:.0f} bytes" if target[0] == "size" else f"{found.value:.2f} dB"
+        note += f" ({'reached' if found.met else 'closest this checkpoint reaches to'} {asked}: {reached}, {found.encodes} encodes)"
+    print(f"{args.input} ({width}x{height}) -> {args.output}: {len(data)} bytes, {result['bpp']:.4f} bpp{note}, {seconds:.2f} s")
+    return result | ({"quality": quality} if quality is not None else {})
 
 
 def run_decompress(args: argparse.Namespace) -> dict:
@@ -1806,8 +2030,9 @@ def run_decompress(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     lic_common.save_image(x_hat, args.output)
     height, width = x_hat.shape[-2:]
-    print(f"{args.input} -> {args.output} ({width}x{height}), {seconds:.2f} s")
-    return {"height": height, "width": width, "decode_seconds": seconds}
+    note = "" if header.quality is None else f", quality {header.quality:g}"
+    print(f"{args.input} -> {args.output} ({width}x{height}{note}), {seconds:.2f} s")
+    return {"height": height, "width": width, "decode_seconds": seconds, "quality": header.quality}
 
 
 def run_convert(args: argparse.Namespace) -> dict:

@@ -108,6 +108,21 @@ def _fp32_class(cls: type) -> type:
     return _FP32_CLASSES[cls]
 
 
+def quality_lambdas(args: argparse.Namespace) -> list[float] | None:
+    """--rate_levels rate weights, log-spaced from --lambda_max (quality 1) to --lambda_min."""
+    n = args.rate_levels
+    if not n:
+        return None
+    return [float(f"{math.exp(math.log(args.lambda_max) + (math.log(args.lambda_min) - math.log(args.lambda_max)) * i / (n - 1)):.4g}")
+            for i in range(n)]  # fmt: skip
+
+
+def initial_log_steps(lambdas: list[float], lambda_rate: float, M: int) -> torch.Tensor:
+    """Quantization steps a model trained at ``lambda_rate`` starts from at each level: at high
+    rate the distortion-rate slope gives step^2 proportional to the rate weight."""
+    return (0.5 * torch.tensor(lambdas, dtype=torch.float64).div(lambda_rate).log()).float()[:, None].expand(-1, M).clone()
+
+
 def model_config(args: argparse.Namespace) -> dict:
     """What rebuilds the model: the architecture and its constructor arguments."""
     if args.model == bk.ARCHITECTURE:
@@ -125,6 +140,7 @@ def model_config(args: argparse.Namespace) -> dict:
             unet_channels=args.unet_channels,
             unet_levels=args.unet_levels,
             diffusion_strength=args.diffusion_strength,
+            quality_lambdas=quality_lambdas(args),
         )
         return {"architecture": bk.ARCHITECTURE, "codec": codec.to_dict()}
     if args.quality is not None:
@@ -278,16 +294,22 @@ class RateDistortionLoss(nn.Module):
         super().__init__()
         self.lambda_rate, self.distortion = lambda_rate, distortion
 
-    def forward(self, out: dict, x: torch.Tensor) -> dict:
+    def forward(self, out: dict, x: torch.Tensor, lambdas: torch.Tensor | None = None) -> dict:
+        """``lambdas``: one rate weight per image (variable-rate training) instead of ``lambda_rate``."""
         x_hat = out["x_hat"].float()
         num_pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
-        bpp = lic_common.bpp_from_likelihoods({k: v if v.dtype == torch.float64 else v.float() for k, v in out["likelihoods"].items()}, num_pixels)
+        likelihoods = {k: v if v.dtype == torch.float64 else v.float() for k, v in out["likelihoods"].items()}
+        bpp = lic_common.bpp_from_likelihoods(likelihoods, num_pixels)
         mse = F.mse_loss(x_hat, x)
         if self.distortion == "mse":
             distortion = mse
         else:
             distortion = 1 - lic_common.ms_ssim(x, x_hat)
-        loss = distortion + self.lambda_rate * bpp
+        if lambdas is None:
+            loss = distortion + self.lambda_rate * bpp
+        else:  # mean over images of D_b + lambda_b * R_b, R_b each image's own bits
+            bits = sum(-v.log2().flatten(1).sum(1) for v in likelihoods.values())
+            loss = distortion + (lambdas.to(bits.dtype) * bits).sum() / num_pixels
         psnr = -10 * torch.log10(mse.detach().clamp_min(1e-10))
         return {"loss": loss, "mse": mse, "bpp": bpp, "psnr": psnr}
 
@@ -392,7 +414,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--unet_levels", type=int, default=2, help="resolution levels of the from-scratch U-Net")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lambda_rate", type=float, default=1e-4, help="rate weight; larger compresses harder (CompressAI quality q: 1 / (255^2 lmbda_q))")
+    g.add_argument("--lambda_rate", type=float, default=1e-4, help="rate weight; larger compresses harder (CompressAI quality q: 1 / (255^2 lmbda_q)); with --rate_levels, the one the starting weights were trained at")
+    g.add_argument("--rate_levels", type=int, default=0, help="the codec: variable rate with this many trained quality levels, rate weights log-spaced from --lambda_max (quality 1) to --lambda_min (0: one rate, --lambda_rate)")
+    g.add_argument("--lambda_max", type=float, default=1.7e-2, help="with --rate_levels: the rate weight of quality 1 (the smallest files)")
+    g.add_argument("--lambda_min", type=float, default=1.7e-4, help="with --rate_levels: the rate weight of the highest quality")
     g.add_argument("--distortion", default="mse", choices=("mse", "ms-ssim"), help="D in the loss")
     g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the model")
     g.add_argument("--aux_lr", type=float, default=1e-3, help="Adam learning rate of the entropy bottleneck's quantiles")
@@ -449,6 +474,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not (args.lambda_rate > 0 and args.lr > 0 and args.aux_lr > 0):
         p.error("--lambda_rate, --lr and --aux_lr must be > 0")
+    if args.rate_levels and not (args.rate_levels >= 2 and 0 < args.lambda_min < args.lambda_max and args.model == bk.ARCHITECTURE):
+        p.error("--rate_levels must be 0 or >= 2, with 0 < --lambda_min < --lambda_max, for the codec (--model diffusion-hyperprior)")
     if not 0 < args.val_fraction < 1 or not 0 <= args.min_lr_ratio <= 1 or args.clip_max_norm < 0:
         p.error("need 0 < --val_fraction < 1, 0 <= --min_lr_ratio <= 1 and --clip_max_norm >= 0")
     if not 0 < args.downscale_min <= args.downscale_max <= 1:
@@ -518,9 +545,15 @@ class Trainer:
         init_ckpt = self._init_checkpoint(args.init_from) if args.init_from and not resume_ckpt else None
         source = resume_ckpt or init_ckpt
         self.config = source["run_config"]["model"] if source else model_config(args)
+        if init_ckpt and args.rate_levels and self.config["architecture"] == bk.ARCHITECTURE:
+            self.config = self._variable_rate_from(init_ckpt)
         lic_common.seed_everything(args.seed)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model = set_training_options(build_model(self.config), args).to(self.device, memory_format=self.memory_format)
+        self.levels = self.config.get("codec", {}).get("quality_lambdas") and len(self.config["codec"]["quality_lambdas"])
+        if self.levels and not source:
+            with torch.no_grad():
+                self.model.log_steps.copy_(initial_log_steps(self.config["codec"]["quality_lambdas"], args.lambda_rate, self.model.config.M))
         self.criterion = RateDistortionLoss(args.lambda_rate, args.distortion)
         main_params, aux_params = split_parameters(self.model)
         self.optimizer = torch.optim.Adam(main_params, lr=args.lr)
@@ -557,6 +590,17 @@ class Trainer:
         if ckpt["run_config"]["model"]["architecture"] == bk.ARCHITECTURE:
             bk.check_codec_checkpoint(ckpt, path, formats=(2, bk.CODEC_FORMAT))  # format 2's weights still train
         return ckpt
+
+    def _variable_rate_from(self, init_ckpt: dict) -> dict:
+        """--init_from a fixed-rate codec with --rate_levels: its config with the quality levels, its
+        weights with quantization steps that start from ``initial_log_steps``."""
+        codec = dict(init_ckpt["run_config"]["model"]["codec"])
+        if codec.get("quality_lambdas"):
+            raise ValueError("--init_from is already variable-rate: leave --rate_levels out (its levels are kept)")
+        codec["quality_lambdas"] = quality_lambdas(self.args)
+        init_ckpt["state_dict"] = dict(init_ckpt["state_dict"]) | {
+            "log_steps": initial_log_steps(codec["quality_lambdas"], self.args.lambda_rate, codec["M"])}
+        return {"architecture": bk.ARCHITECTURE, "codec": codec}
 
     @classmethod
     def _init_checkpoint(cls, path) -> dict:
@@ -728,9 +772,13 @@ class Trainer:
             x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
             if self.args.decoder_ste_from is not None:
                 self.model.decoder_ste = self.progress() >= self.args.decoder_ste_from
+            quality = lambdas = None
+            if self.levels:  # variable rate: a quality per image, uniform over the trained range
+                quality = 1 + torch.rand(x.shape[0], device=self.device) * (self.levels - 1)
+                lambdas = self.model.quality_lambda(quality)
             with self.autocast():
-                out = self.net(x)
-            losses = self.criterion(out, x)
+                out = self.net(x) if quality is None else self.net(x, quality=quality)
+            losses = self.criterion(out, x, lambdas)
             if not torch.isfinite(losses["loss"]):
                 raise TrainingDiverged(
                     f"loss is {losses['loss'].item()} at step {self.state.step} (epoch {epoch}); stopped without "
@@ -773,17 +821,45 @@ class Trainer:
             self.writer.add_scalar("train/images_per_second", throughput, self.state.step)
         return {k: v / max(count, 1) for k, v in sums.items()} | {"images_per_second": throughput, "crop": crop}
 
+    def validation_qualities(self) -> list[float | None]:
+        """The rate points validated: a variable-rate model's lowest, middle and highest quality."""
+        return [1.0, (1 + self.levels) / 2, float(self.levels)] if self.levels else [None]
+
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
-        """Validation loss, bpp estimate and PSNR on centre crops (averaged over all ranks)."""
+        """Validation loss, bpp estimate and PSNR on centre crops (averaged over all ranks); a
+        variable-rate model's at several qualities (``q<Q>_bpp``, ...), the loss their mean."""
         self.model.eval()
+        points = {}
+        for quality in self.validation_qualities():
+            points[quality], first = self._evaluate_at(quality)
+        metrics = {k: sum(p[k] for p in points.values()) / len(points) for k in ("loss", "bpp", "mse", "psnr")}
+        if self.levels:
+            metrics |= {f"q{q:g}_{k}": v for q, p in points.items() for k, v in p.items()}
+        if self.writer:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"val/{k}", v, self.state.step)
+            if self.levels:  # the rate-distortion curve at this step
+                for q, p in points.items():
+                    self.writer.add_scalars("val/rd_curve_psnr_x1000bpp", {f"q{q:g}": p["psnr"]}, round(1000 * p["bpp"]))
+            x, x_hat = first
+            self.writer.add_images("val/original_reconstruction", torch.stack([x, x_hat.clamp(0, 1)]), self.state.step)
+            lic_common.save_image(x_hat, self.out / "samples" / f"epoch{epoch:04d}.png")
+        return metrics
+
+    def _evaluate_at(self, quality: float | None) -> tuple[dict, tuple]:
         totals = torch.zeros(5, dtype=torch.float64)
         first = None
         for x in self.val_loader:
             x = x.to(self.device, memory_format=self.memory_format)
+            lambdas = None
             with self.autocast():
-                out = self.model(x)
-            losses = self.criterion(out, x)
+                if quality is None:
+                    out = self.model(x)
+                else:
+                    q = torch.full((x.shape[0],), quality, device=self.device)
+                    out, lambdas = self.model(x, quality=q), self.model.quality_lambda(q)
+            losses = self.criterion(out, x, lambdas)
             n = x.shape[0]
             totals += torch.tensor([losses["loss"].item() * n, losses["bpp"].item() * n, losses["mse"].item() * n,
                                     lic_common.psnr(x, out["x_hat"].float()) * n, n], dtype=torch.float64)  # fmt: skip
@@ -792,14 +868,7 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(totals)
         n = totals[4].item()
-        metrics = {"loss": totals[0].item() / n, "bpp": totals[1].item() / n, "mse": totals[2].item() / n, "psnr": totals[3].item() / n}
-        if self.writer:
-            for k, v in metrics.items():
-                self.writer.add_scalar(f"val/{k}", v, self.state.step)
-            x, x_hat = first
-            self.writer.add_images("val/original_reconstruction", torch.stack([x, x_hat.clamp(0, 1)]), self.state.step)
-            lic_common.save_image(x_hat, self.out / "samples" / f"epoch{epoch:04d}.png")
-        return metrics
+        return {"loss": totals[0].item() / n, "bpp": totals[1].item() / n, "mse": totals[2].item() / n, "psnr": totals[3].item() / n}, first
 
     def stop_here(self):
         """Save ``last_checkpoint.pth`` at the step just finished and stop (exit status 130)."""
@@ -832,6 +901,8 @@ class Trainer:
                             f"{train.get('crop', 0)} px, train loss {train.get('loss', math.nan):.6f} "
                             f"bpp {train.get('bpp', math.nan):.3f} psnr {train.get('psnr', math.nan):.2f} | val loss "
                             f"{val['loss']:.6f} bpp {val['bpp']:.3f} psnr {val['psnr']:.2f}{' (best)' if improved else ''}"
+                            + "".join(f" | q{q:g}: bpp {val[f'q{q:g}_bpp']:.3f} psnr {val[f'q{q:g}_psnr']:.2f}"
+                                      for q in self.validation_qualities() if q is not None)
                         )
                         if improved:
                             self.save_checkpoint(self.out / "best_checkpoint.pth", update_tables=True)
