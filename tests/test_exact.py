@@ -127,16 +127,16 @@ if {channels_last}:
     model = model.to(memory_format=torch.channels_last)
 if {encode}:
     x = lic_common.load_image({image!r})
-    open({file!r}, "wb").write(bk.encode_image(model, x))
+    open({file!r}, "wb").write(bk.encode_image(model, x, quality={quality!r}))
 else:
     x_hat = bk.decode_image(model, open({file!r}, "rb").read())
     torch.save(x_hat, {out!r})
 """
 
 
-def run(ckpt, image, file, out=None, threads=1, onednn=True, channels_last=False):
+def run(ckpt, image, file, out=None, threads=1, onednn=True, channels_last=False, quality=None):
     code = RUN.format(root=str(ROOT), threads=threads, onednn=onednn, ckpt=str(ckpt), channels_last=channels_last,
-                      encode=out is None, image=str(image), file=str(file), out=str(out))  # fmt: skip
+                      encode=out is None, image=str(image), file=str(file), out=str(out), quality=quality)  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, timeout=300)
 
@@ -176,7 +176,7 @@ def test_the_command_line_refuses_a_wrong_decode_without_writing(checkpoint, tmp
     coded, png = tmp_path / "f.bksd", tmp_path / "out.png"
     bk.main(["compress", str(image), str(coded), "--checkpoint", str(checkpoint)])
     data = bytearray(coded.read_bytes())
-    digest_at = bk._HEADER.size - 8
+    digest_at = bk._HEADER.size - 10  # the digest, then the 2-byte quality
     data[digest_at] ^= 1  # the digest no longer matches the latent (CRC made valid again)
     body = bytes(data[:-4])
     coded.write_bytes(body + bk._CRC.pack(__import__("zlib").crc32(body)))
