@@ -136,10 +136,12 @@ class LearnedCodec(Codec):
     """This project's codec (the whole file is counted) or a CompressAI model (its strings, as
     ``eval_model`` counts them; images padded with zeros to a multiple of 64 and cropped back)."""
 
-    def __init__(self, label: str, point: str, model: nn.Module, device: torch.device):
+    def __init__(self, label: str, point: str, model: nn.Module, device: torch.device, quality: float | None = None, model_id=None):
         self.label, self.point, self.model, self.device = label, point, model.to(device).eval(), device
         self.ours = isinstance(model, bk.DiffusionHyperprior)
-        self.model_id = model.fingerprint() if self.ours else None
+        self.model_id = (model_id or model.fingerprint()) if self.ours else None
+        self.quality = quality  # a variable-rate checkpoint's rate point
+        self.kwargs = {} if quality is None else {"quality": quality}
 
     def _pad(self, x):
         h, w = x.shape[-2:]
@@ -152,7 +154,7 @@ class LearnedCodec(Codec):
         _sync(self.device)
         t0 = time.perf_counter()
         if self.ours:
-            data = bk.encode_image(self.model, x, max_pixels=h * w, model_id=self.model_id)
+            data = bk.encode_image(self.model, x, max_pixels=h * w, model_id=self.model_id, quality=self.quality)
         else:
             enc = self.model.compress(self._pad(x[None]))
             data = b"".join(s[0] for s in enc["strings"])
@@ -176,13 +178,13 @@ class LearnedCodec(Codec):
         if isinstance(self.model, JointAutoregressiveHierarchicalPriors):
             return None
         with metered_coders(self.model) as metered:
-            self.model.compress(self._pad(x.to(self.device)[None]))
+            self.model.compress(self._pad(x.to(self.device)[None]), **self.kwargs)
             return metered()
 
     @torch.no_grad()
     def estimate(self, x):
         h, w = x.shape[-2:]
-        out = self.model(self._pad(x.to(self.device)))
+        out = self.model(self._pad(x.to(self.device)), **self.kwargs)
         bits = sum(-torch.log2(p).flatten(1).sum(1) for p in out["likelihoods"].values())
         return (bits / (h * w)).cpu().tolist(), out["x_hat"][..., :h, :w].clamp(0, 1).cpu()
 
@@ -254,7 +256,19 @@ def build_codecs(args: argparse.Namespace, device: torch.device) -> list[Codec]:
         for path in paths:
             ckpt = lic_common.load_checkpoint(path)
             name = label or ckpt.get("architecture", arch or "learned")
-            codecs.append(LearnedCodec(name, Path(path).parent.name + "/" + Path(path).stem, load_learned(path, args, arch, ckpt), device))
+            model, point = load_learned(path, args, arch, ckpt), Path(path).parent.name + "/" + Path(path).stem
+            levels = model.config.rate_levels if isinstance(model, bk.DiffusionHyperprior) else 0
+            if args.qualities and not levels:
+                raise ValueError(f"--qualities: {path} codes at one rate (a variable-rate checkpoint sweeps qualities)")
+            if not levels:
+                codecs.append(LearnedCodec(name, point, model, device))
+                continue
+            qualities = args.qualities or [float(q) for q in range(1, levels + 1)]
+            if any(not 1 <= q <= levels for q in qualities):
+                raise ValueError(f"--qualities: {path} takes qualities in [1, {levels}], got {qualities}")
+            qualities = [1 + model.quality_code(q) / 2**bk.QUALITY_FRACTION_BITS for q in qualities]  # as files record them
+            model_id = model.fingerprint()  # one curve from one checkpoint, a rate point per quality
+            codecs += [LearnedCodec(name, f"{point}@q{q:g}", model, device, q, model_id) for q in qualities]
     for name in args.classical:
         codecs += [PillowCodec(name, q) for q in getattr(args, f"{name}_qualities") or DEFAULT_QUALITIES[name]]
     if not codecs:
@@ -483,6 +497,7 @@ def write_outputs(results: list[ImageResult], args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model_path", nargs="*", default=[], help="codec checkpoints, one rate point each, forming one curve")
+    p.add_argument("--qualities", type=float, nargs="+", default=None, help="a variable-rate checkpoint's qualities to measure, one rate point each (default: its trained levels 1, 2, ...)")
     p.add_argument("--label", default=None, help="name of the --model_path curve (default: the checkpoints' architecture)")
     p.add_argument("--curve", action="append", help="another curve: LABEL=[ARCH:]PATH[,PATH...] (ARCH for CompressAI's own checkpoints)")
     p.add_argument("--classical", nargs="*", default=[], choices=tuple(PillowCodec.FORMATS), help="Pillow codecs to measure")
@@ -503,6 +518,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.threads < 0 or args.batch_size < 1 or (args.diffusion_steps is not None and args.diffusion_steps < 0):
         p.error("--threads must be >= 0, --batch_size >= 1 and --diffusion_steps >= 0")
+    if args.qualities and min(args.qualities) < 1:
+        p.error(f"--qualities must be >= 1, got {args.qualities}")
     for name in DEFAULT_QUALITIES:
         qualities = getattr(args, f"{name}_qualities") or []
         if any(not 0 <= q <= 100 for q in qualities):

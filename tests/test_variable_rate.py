@@ -156,3 +156,19 @@ def test_training_a_variable_rate_model_from_a_fixed_rate_checkpoint(image_dir, 
     sizes = [bk.main(["compress", str(image), str(tmp_path / f"{q}.bksd"), "--checkpoint", str(out / "best_checkpoint.pth"),
                       "--quality", str(q)])["bytes"] for q in (1, 3)]  # fmt: skip
     assert sizes[0] <= sizes[1]
+
+
+def test_the_evaluation_sweeps_qualities_of_one_checkpoint_into_one_curve(checkpoint, tmp_path, capsys):
+    import evaluate_bk_sdm_compression as ev
+
+    for i in range(2):
+        write_image(tmp_path / "imgs" / f"im{i}.png", (64, 64), seed=i)
+    out = tmp_path / "eval"
+    ev.main(["--model_path", str(checkpoint), "--label", "variable", "--qualities", "1", "2.5", "4", "--data_path", str(tmp_path / "imgs"),
+             "--output_dir", str(out), "--device", "cpu"])  # fmt: skip
+    curve = json.loads((out / "variable.json").read_text())["results"]
+    assert len(curve["bpp"]) == 3 and curve["bpp"] == sorted(curve["bpp"]) and curve["bpp"][0] < curve["bpp"][-1]
+    assert [p.rsplit("@", 1)[1] for p in curve["points"]] == ["q1", "q2.5", "q4"]
+    with pytest.raises(SystemExit) as exc:
+        ev.main(["--model_path", str(checkpoint), "--qualities", "5", "--data_path", str(tmp_path / "imgs"), "--output_dir", str(out)])
+    assert exc.value.code == 2 and "qualities in [1, 4]" in capsys.readouterr().err
