@@ -3,6 +3,7 @@ quality, rate monotone in it, and the search for a target size or PSNR."""
 
 import json
 import math
+import sys
 import zlib
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import bk_sdm_compression as bk
 import lic_common
 import train_bk_sdm_compression as tr
-from conftest import write_image
+from conftest import ROOT, write_image
 from test_exact import TINY, run, trained_like
 from test_train_eval import TINY as TRAIN_TINY
 
@@ -172,3 +173,22 @@ def test_the_evaluation_sweeps_qualities_of_one_checkpoint_into_one_curve(checkp
     with pytest.raises(SystemExit) as exc:
         ev.main(["--model_path", str(checkpoint), "--qualities", "5", "--data_path", str(tmp_path / "imgs"), "--output_dir", str(out)])
     assert exc.value.code == 2 and "qualities in [1, 4]" in capsys.readouterr().err
+
+
+def test_the_variable_rate_benchmark_reports_bd_rates_and_the_target_search(checkpoint, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import variable_rate_benchmark
+
+    for i in range(2):
+        write_image(tmp_path / "kodak" / f"im{i}.png", (64, 64), seed=i)
+    common = ["--checkpoint", str(checkpoint), "--kodak", str(tmp_path / "kodak"), "--no-unseen", "--qualities", "1", "2", "3", "4"]
+    first = variable_rate_benchmark.main([*common, "--target_bpp", "1.0", "--output", str(tmp_path / "a.json")])
+    # the same checkpoint's curve as the "fixed-rate" one: BD-rate 0
+    stored = {"sets": {"kodak": ["im0.png", "im1.png"]}, "curves": {"kodak": {"exact": first["curves"]["kodak"]["variable-rate"]}}}
+    (tmp_path / "fixed.json").write_text(json.dumps(stored))
+    result = variable_rate_benchmark.main([*common, "--fixed_curve", str(tmp_path / "fixed.json"), "--target_bpp", "1.0",
+                                           "--output", str(tmp_path / "b.json")])  # fmt: skip
+    assert abs(result["bd_rate"]["kodak"]["fixed-rate"]) < 1e-6 and {"jpeg", "webp"} <= set(result["bd_rate"]["kodak"])
+    target = result["target_size"]["1"]
+    assert target["images"] == 2 and target["max_encodes"] <= 8 and len(target["per_image"]) == 2
+    assert (tmp_path / "b.md").read_text().startswith("Variable-rate checkpoint") and (tmp_path / "b.png").stat().st_size > 0
