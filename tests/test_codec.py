@@ -112,6 +112,16 @@ def test_missing_bk_sdm_says_so_and_suggests_scratch(tmp_path):
         bk.create_bk_sdm_compression_model(str(tmp_path / "nowhere"), use_pretrained_vae=True)
 
 
+def test_an_uncached_hub_id_fails_at_once_where_the_hub_is_unreachable(monkeypatch):
+    """Offline, a hub id not in the local cache is refused after one connection attempt, not after
+    huggingface_hub's retries (about half a minute)."""
+    reached = []
+    monkeypatch.setattr(bk, "_hub_reachable", lambda timeout=3.0: reached.append(1) or False)
+    with pytest.raises(bk.PretrainedError, match="not in the local Hugging Face cache and the hub is not reachable"):
+        bk.create_bk_sdm_compression_model("nobody/no-such-model", use_pretrained_vae=True)
+    assert reached == [1]
+
+
 def test_diffusion_steps_zero_is_the_hyper_decoder_alone():
     model = ready(tiny_model(diffusion_steps=0))
     assert model.unet is None
