@@ -995,6 +995,13 @@ def _unpack_tables(coder: nn.Module, packed: dict) -> None:
     coder._quantized_cdf, coder._cdf_length, coder._offset = cdf, lengths, packed["offset"].int()
 
 
+def hyper_digest(z_hat: torch.Tensor) -> bytes:
+    """4 bytes identifying one image's decoded hyper-latent (integers): a decoder checks it before
+    the reverse chain runs, so a damaged header (another image size, say) fails at 1/256 of the
+    latent's cost."""
+    return hashlib.blake2b(z_hat.detach().cpu().contiguous().numpy().astype("<f4").tobytes(), digest_size=4).digest()
+
+
 def latent_digest(y_q: torch.Tensor, z_hat: torch.Tensor) -> bytes:
     """8 bytes identifying one image's decoded latent: the integer y_hat and z_hat."""
     h = hashlib.blake2b(digest_size=8)
@@ -1372,17 +1379,24 @@ class DiffusionHyperprior(CompressionModel):
 
         y_q = self._exact_chain(z_hat, code, quality_code)
         digests = [latent_digest(y_q[b], z_hat[b]) for b in range(len(y_q))]
-        return {"strings": [*strings, z_strings], "shape": (height, width), "digests": digests, "y_hat": self._latent(y_q)}
+        return {"strings": [*strings, z_strings], "shape": (height, width), "digests": digests, "y_hat": self._latent(y_q),
+                "z_digests": [hyper_digest(z_hat[b]) for b in range(len(z_hat))]}  # fmt: skip
 
     @torch.no_grad()
-    def decompress(self, strings: list, shape: tuple[int, int], quality: float | None = None) -> dict:
+    def decompress(self, strings: list, shape: tuple[int, int], quality: float | None = None, z_digests: list | None = None) -> dict:
         """-> {"x_hat", "y_hat", "digests"} (compare the digests with the encoder's). A
-        variable-rate model takes the encoder's ``quality``."""
+        variable-rate model takes the encoder's ``quality``; given the encoder's ``z_digests``, a
+        hyper-latent that differs stops decoding (``BitstreamError``) before the reverse chain."""
         quality_code = self.quality_code(quality)
         height, width = shape
         if len(strings) != self.num_strings:
             raise ValueError(f"expected {self.num_strings} string lists (one per revealed group, then z), got {len(strings)}")
         z_hat = self.entropy_bottleneck.decompress(strings[-1], self.z_shape(height, width))
+        if z_digests is not None and [hyper_digest(z) for z in z_hat] != list(z_digests):
+            raise BitstreamError(
+                "the decoded hyper-latent differs from the encoder's (hyper-latent checksum mismatch): the header "
+                "(its image size, say) or the file is damaged; nothing further was decoded"
+            )
         gc = self.gaussian_conditional
 
         def decode(k, selected, means, indexes, steps):
@@ -1774,7 +1788,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, data: str | Path, count
 
 MAGIC = b"BKSD"
 FORMAT_VERSION = 4  # 1: the Gaussian DDIM prior's files; 2: the float entropy model's; 3: without quality
-_HEADER = struct.Struct(">4sBB8sIIHB8sH")  # magic, version, mode, model id, height, width, steps, strings, latent digest, quality
+_HEADER = struct.Struct(">4sBB8sIIHB8sH4s")  # magic, version, mode, model id, height, width, steps, strings, latent digest, quality, z digest
 _HEADER_3 = struct.Struct(">4sBB8sIIHB8s")  # format 3: no quality (fixed rate), still read
 NO_QUALITY = 0xFFFF  # the quality field of a fixed-rate model's file
 _LENGTH = struct.Struct(">I")
@@ -1795,6 +1809,7 @@ class Header:
     diffusion_steps: int
     digest: bytes = bytes(8)  # ``latent_digest`` of the decoded latent
     quality_code: int | None = None  # variable rate: ``DiffusionHyperprior.quality_code`` of the quality coded at
+    z_digest: bytes | None = None  # ``hyper_digest`` of the decoded hyper-latent (format 4): checked before y is decoded
 
     @property
     def quality(self) -> float | None:
@@ -1806,7 +1821,7 @@ def write_bitstream(header: Header, strings: list[bytes]) -> bytes:
     body = _HEADER.pack(
         MAGIC, FORMAT_VERSION, MODES.index(header.mode), header.model_id,
         header.height, header.width, header.diffusion_steps, len(strings), header.digest,
-        NO_QUALITY if header.quality_code is None else header.quality_code,
+        NO_QUALITY if header.quality_code is None else header.quality_code, header.z_digest or bytes(4),
     )  # fmt: skip
     body += b"".join(_LENGTH.pack(len(s)) + s for s in strings)
     return body + _CRC.pack(zlib.crc32(body))
@@ -1827,8 +1842,9 @@ def read_bitstream(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[H
         raise BitstreamError(f"the file is truncated ({len(data)} bytes, shorter than the header)")
     (crc,) = _CRC.unpack(data[-_CRC.size :])
     body = data[: -_CRC.size]
-    _, version, mode, model_id, height, width, steps, count, digest, *quality = layout.unpack(body[: layout.size])
-    quality_code = quality[0] if quality and quality[0] != NO_QUALITY else None
+    _, version, mode, model_id, height, width, steps, count, digest, *extra = layout.unpack(body[: layout.size])
+    quality_code = extra[0] if extra and extra[0] != NO_QUALITY else None
+    z_digest = extra[1] if extra else None
     if zlib.crc32(body) != crc:
         raise BitstreamError("checksum mismatch: the file is truncated or corrupted")
     if mode >= len(MODES):
@@ -1847,7 +1863,7 @@ def read_bitstream(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[H
         pos += n
     if pos != len(body):
         raise BitstreamError(f"{len(body) - pos} unexpected bytes after the strings")
-    return Header(MODES[mode], model_id, height, width, steps, digest, quality_code), strings
+    return Header(MODES[mode], model_id, height, width, steps, digest, quality_code, z_digest), strings
 
 
 @torch.no_grad()
@@ -1863,7 +1879,7 @@ def encode_image(
         raise BitstreamError(f"the image has {width}x{height} pixels, over the limit of {max_pixels}")
     out = model.compress(x.unsqueeze(0).to(next(model.parameters()).device), quality)
     header = Header(model.config.mode, model_id or model.fingerprint(), height, width, model.inference_steps,
-                    out["digests"][0], model.quality_code(quality))  # fmt: skip
+                    out["digests"][0], model.quality_code(quality), out["z_digests"][0])  # fmt: skip
     data = write_bitstream(header, [s[0] for s in out["strings"]])
     if not reconstruct:
         return data
@@ -1896,7 +1912,8 @@ def decode_image(
             f"the file was coded {'at one rate' if header.quality_code is None else f'at quality {header.quality:g}'}; "
             f"this checkpoint is {'variable-rate (qualities 1 to %d)' % levels if levels else 'fixed-rate'}"
         )
-    out = model.decompress([[s] for s in strings], (header.height, header.width), header.quality)
+    z_digests = None if header.z_digest is None else [header.z_digest]
+    out = model.decompress([[s] for s in strings], (header.height, header.width), header.quality, z_digests)
     if out["digests"][0] != header.digest:
         raise BitstreamError(
             "the decoded latent differs from the encoder's (latent checksum mismatch): this decoder computed other "

@@ -511,7 +511,8 @@ def test_header_records_mode_size_and_steps(coded):
     _, good = coded
     header, strings = bk.read_bitstream(good)
     assert (header.mode, header.height, header.width, header.diffusion_steps) == ("residual", 40, 40, 4)
-    assert len(strings) == 5 and len(good) == 4 + 1 + 1 + 8 + 4 + 4 + 2 + 1 + 8 + sum(4 + len(s) for s in strings) + 4
+    assert len(strings) == 5 and len(good) == 4 + 1 + 1 + 8 + 4 + 4 + 2 + 1 + 8 + 2 + 4 + sum(4 + len(s) for s in strings) + 4
+    assert header.quality_code is None and len(header.z_digest) == 4  # fixed rate; the hyper-latent's digest
 
 
 def test_step_count_is_recorded_and_a_mismatch_refused(tmp_path, capsys):
@@ -571,3 +572,15 @@ def test_shipped_reference_checkpoints_load_code_and_order_by_rate():
         psnr = -10 * torch.log10((x_hat - x).pow(2).mean()).item()
         assert psnr > 24, (path.name, psnr)
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes), sizes
+
+
+def test_a_header_rewritten_to_another_size_is_refused_before_the_latent_is_decoded(tmp_path, coded, capsys, monkeypatch):
+    """A valid CRC over a header that asks for 2048x2048: the hyper-latent's checksum stops the
+    decoder before the reverse chain (which would allocate the whole latent) runs."""
+    ckpt, data = coded
+    header, strings = bk.read_bitstream(data)
+    header.height = header.width = 2048
+    chain = []
+    monkeypatch.setattr(bk.DiffusionHyperprior, "_exact_chain", lambda *a, **k: chain.append(1))
+    _decode_fails(tmp_path, ckpt, bk.write_bitstream(header, strings), "hyper-latent checksum mismatch", capsys)
+    assert not chain and not (tmp_path / "out.png").exists()

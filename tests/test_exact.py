@@ -176,7 +176,7 @@ def test_the_command_line_refuses_a_wrong_decode_without_writing(checkpoint, tmp
     coded, png = tmp_path / "f.bksd", tmp_path / "out.png"
     bk.main(["compress", str(image), str(coded), "--checkpoint", str(checkpoint)])
     data = bytearray(coded.read_bytes())
-    digest_at = bk._HEADER.size - 10  # the digest, then the 2-byte quality
+    digest_at = bk._HEADER.size - 14  # the digest, then the quality (2 bytes) and the z digest (4)
     data[digest_at] ^= 1  # the digest no longer matches the latent (CRC made valid again)
     body = bytes(data[:-4])
     coded.write_bytes(body + bk._CRC.pack(__import__("zlib").crc32(body)))
