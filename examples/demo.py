@@ -1,7 +1,7 @@
 """The demo: compress photographs with the diffusion-hyperprior codec, next to JPEG and WebP.
 
-Offline and on the CPU. With the reference checkpoints in ``reference_checkpoints/`` (one per
-rate point, trained by benchmarks/rd_benchmark.py) it uses them; otherwise it first trains a
+Offline and on the CPU. With the checkpoints in ``reference_checkpoints/`` it uses them (a
+variable-rate checkpoint at several qualities, a fixed-rate one at its rate); otherwise it first trains a
 small codec for ``--train_minutes`` on photographs that ship with scikit-image. For each
 photograph (by default three of scikit-image's, none of them training data) and checkpoint it
 writes a compressed file, decodes it, and compares bpp / PSNR / MS-SSIM with JPEG and WebP at the
@@ -77,27 +77,40 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output_dir", default=str(ROOT / "demo_output"), help="where everything is written")
     p.add_argument("--checkpoint", nargs="*", default=None, help="codec checkpoints to use (default: reference_checkpoints/*.pth, else train one)")
+    p.add_argument("--qualities", type=float, nargs="+", default=None, help="a variable-rate checkpoint's qualities (default: its odd levels)")
     p.add_argument("--train_minutes", type=float, default=2.0, help="training CPU-minutes (all threads) when there is no checkpoint")
     p.add_argument("--images", nargs="+", default=None, help=f"photographs to compress (default: scikit-image's {', '.join(TEST_PHOTOS)})")
     return p.parse_args(argv)
 
 
-def compare(checkpoint: Path, image: Path, out: Path) -> tuple[list[dict], list[torch.Tensor]]:
-    """Our file for one checkpoint and photograph, and JPEG / WebP at the same size: a row each
+def rate_points(checkpoints: list[Path], qualities: list[float] | None) -> list[tuple[Path, float | None]]:
+    """(checkpoint, quality) of every rate point: a variable-rate checkpoint's qualities, else its one rate."""
+    points = []
+    for ckpt in checkpoints:
+        levels = (lic_common.load_checkpoint(ckpt)["config"].get("quality_lambdas") or ())
+        chosen = qualities or [float(q) for q in range(1, len(levels) + 1, 2)]
+        points += [(ckpt, q) for q in chosen] if levels else [(ckpt, None)]
+    return points
+
+
+def compare(checkpoint: Path, image: Path, out: Path, quality: float | None = None) -> tuple[list[dict], list[torch.Tensor]]:
+    """Our file for one rate point and photograph, and JPEG / WebP at the same size: a row each
     (image, checkpoint, codec, setting, bytes, bpp, psnr, ms_ssim) and the decoded pictures."""
-    stem = f"{image.stem}_{checkpoint.stem}"
-    bk.main(["compress", str(image), str(out / f"{stem}.bksd"), "--checkpoint", str(checkpoint)])
+    label = checkpoint.stem if quality is None else f"{checkpoint.stem}@q{quality:g}"
+    stem = f"{image.stem}_{label}"
+    rate = [] if quality is None else ["--quality", str(quality)]
+    bk.main(["compress", str(image), str(out / f"{stem}.bksd"), "--checkpoint", str(checkpoint), *rate])
     bk.main(["decompress", str(out / f"{stem}.bksd"), str(out / f"{stem}.png"), "--checkpoint", str(checkpoint)])
     x = lic_common.load_image(image)
     n_bytes = (out / f"{stem}.bksd").stat().st_size
 
     def row(codec: str, setting: str, size: int, x_hat: torch.Tensor) -> dict:
         psnr, msssim = image_metrics(x, x_hat)
-        return {"image": image.name, "checkpoint": checkpoint.stem, "codec": codec, "setting": setting, "bytes": size,
+        return {"image": image.name, "checkpoint": label, "codec": codec, "setting": setting, "bytes": size,
                 "bpp": 8 * size / (x.shape[-1] * x.shape[-2]), "psnr": psnr, "ms_ssim": msssim}  # fmt: skip
 
     ours = lic_common.load_image(out / f"{stem}.png")
-    rows, pictures = [row("diffusion-hyperprior", checkpoint.stem, n_bytes, ours)], [ours]
+    rows, pictures = [row("diffusion-hyperprior", label, n_bytes, ours)], [ours]
     for fmt in ("JPEG", "WEBP"):
         quality, size, x_hat = same_size_classical(x, fmt, n_bytes)
         rows.append(row(fmt.lower(), f"q{quality}", size, x_hat))
@@ -127,19 +140,20 @@ def main(argv: list[str]) -> dict:
     if not checkpoints:
         print(f"no reference checkpoints: training a small codec for {args.train_minutes} CPU-minute(s) on {train_dir}")
         checkpoints = [train_quick_codec(train_dir, out / "codec_run", args.train_minutes)]
-    shown = checkpoints[len(checkpoints) // 2]
+    points = rate_points(checkpoints, args.qualities)
+    shown = points[len(points) // 2]
     rows = []
     for image in images:
         pictures = [lic_common.load_image(image)]
-        for ckpt in checkpoints:
-            r, p = compare(ckpt, image, out)
+        for point in points:
+            r, p = compare(point[0], image, out, point[1])
             rows += r
-            pictures += p if ckpt == shown else []
+            pictures += p if point == shown else []
         side_by_side(pictures, out / f"side_by_side_{image.stem}.png")
     plot_rd(mean_curves(rows), out / "rd_plot.png",
             title=f"mean over {len(images)} photographs; JPEG and WebP at the size of each of our files")  # fmt: skip
 
-    print(f"\npictures (original, ours with {shown.stem}, JPEG and WebP at that size): {out}/side_by_side_*.png; "
+    print(f"\npictures (original, ours with {shown[0].stem}{'' if shown[1] is None else f' at quality {shown[1]:g}'}, JPEG and WebP at that size): {out}/side_by_side_*.png; "
           f"RD plot: {out / 'rd_plot.png'}")  # fmt: skip
     print(f"{'image':<14}{'codec':<22}{'setting':<36}{'bytes':>8}{'bpp':>8}{'PSNR dB':>9}{'MS-SSIM':>9}")
     for r in rows:

@@ -192,3 +192,15 @@ def test_the_variable_rate_benchmark_reports_bd_rates_and_the_target_search(chec
     target = result["target_size"]["1"]
     assert target["images"] == 2 and target["max_encodes"] <= 8 and len(target["per_image"]) == 2
     assert (tmp_path / "b.md").read_text().startswith("Variable-rate checkpoint") and (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_the_demo_shows_a_variable_rate_checkpoint_at_several_qualities(checkpoint, tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    import demo
+
+    image = write_image(tmp_path / "photo.png", (64, 64))
+    result = demo.main(["--output_dir", str(tmp_path / "demo"), "--checkpoint", str(checkpoint), "--qualities", "1", "4",
+                        "--images", str(image)])  # fmt: skip
+    ours = [r for r in result["rows"] if r["codec"] == "diffusion-hyperprior"]
+    assert [r["setting"].rsplit("@", 1)[1] for r in ours] == ["q1", "q4"] and ours[0]["bytes"] <= ours[1]["bytes"]
+    assert len(result["rows"]) == 6  # JPEG and WebP at the size of each file
