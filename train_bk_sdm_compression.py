@@ -123,6 +123,47 @@ def initial_log_steps(lambdas: list[float], lambda_rate: float, M: int) -> torch
     return (0.5 * torch.tensor(lambdas, dtype=torch.float64).div(lambda_rate).log()).float()[:, None].expand(-1, M).clone()
 
 
+TRANSFORM_PARTS = ("g_a", "g_s", "h_a", "h_s", "entropy_bottleneck")  # the layers the codec shares with mbt2018-mean
+
+
+def transforms_source(spec: str) -> dict[str, torch.Tensor]:
+    """The state dict of a trained mean-scale model: ``ARCH:QUALITY`` from CompressAI's zoo
+    (``pretrained=True``: a download, cached by torch.hub), or a checkpoint file of this project
+    or of CompressAI's ``examples/train.py``."""
+    if Path(spec).is_file():
+        ckpt = lic_common.load_checkpoint(Path(spec))
+        state = ckpt.get("state_dict", ckpt)
+        return {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+    from compressai.zoo import image_models
+
+    arch, _, quality = spec.partition(":")
+    if arch not in image_models or not quality.isdigit():
+        raise ValueError(f"--init_transforms {spec!r}: expected a checkpoint file or ARCH:QUALITY of CompressAI's zoo "
+                         f"(e.g. mbt2018-mean:4; architectures {sorted(image_models)})")  # fmt: skip
+    try:
+        return image_models[arch](quality=int(quality), pretrained=True).state_dict()
+    except Exception as e:  # no network, no such pretrained model
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"--init_transforms {spec}: CompressAI's pretrained weights could not be loaded ({first}); "
+                         "give a checkpoint file instead") from None
+
+
+def copy_transforms(model: nn.Module, state: dict[str, torch.Tensor], spec: str) -> list[str]:
+    """Copy the source's g_a, g_s, h_a, h_s and entropy bottleneck into the codec (same names in
+    CompressAI's mean-scale models); the coder tables are derived later. -> the names copied."""
+    own = model.state_dict()
+    wanted = {k: v for k, v in state.items() if k.split(".")[0] in TRANSFORM_PARTS and not k.endswith(bk.ENTROPY_TABLES)}
+    mismatched = [k for k, v in wanted.items() if k in own and own[k].shape != v.shape]
+    copied = {k: v for k, v in wanted.items() if k in own and k not in mismatched}
+    if mismatched or not copied:
+        raise ValueError(f"--init_transforms {spec}: {len(copied)} tensors match the codec, {len(mismatched)} differ in shape "
+                         f"(e.g. {mismatched[:2]}): build the codec with the source's --N and --M")  # fmt: skip
+    with torch.no_grad():  # in place (CompressAI's load_state_dict wants the coder tables too)
+        for k, v in copied.items():
+            own[k].copy_(v)
+    return sorted(copied)
+
+
 def model_config(args: argparse.Namespace) -> dict:
     """What rebuilds the model: the architecture and its constructor arguments."""
     if args.model == bk.ARCHITECTURE:
@@ -454,6 +495,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--output_dir", default="./outputs", help="everything the run writes goes here")
     g.add_argument("--resume", default=None, help="checkpoint to continue from ('last': output_dir/last_checkpoint.pth)")
     g.add_argument("--calibration_crops", type=int, default=8, help="the codec: training crops that set the exact integer entropy model's ranges each time best_checkpoint.pth is saved")
+    g.add_argument("--init_transforms", default=None, help="the codec: start g_a, g_s, h_a, h_s and the entropy bottleneck from a trained mean-scale model, ARCH:QUALITY of CompressAI's zoo (pretrained=True, e.g. mbt2018-mean:4) or a checkpoint file (this project's or CompressAI's examples/train.py)")
+    g.add_argument("--freeze", nargs="*", default=[], choices=TRANSFORM_PARTS, help="the codec: parts that do not train (e.g. g_a g_s with --init_transforms: the entropy model alone trains)")
     g.add_argument("--init_from", default=None, help="start a new run (new optimizer, schedule and step count) from the model of this checkpoint (a training one, e.g. another rate point's, or a codec checkpoint such as a shipped one); its architecture and sizes replace --model/--N/--M")
     g.add_argument("--seed", type=int, default=42, help="random seed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -474,6 +517,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not (args.lambda_rate > 0 and args.lr > 0 and args.aux_lr > 0):
         p.error("--lambda_rate, --lr and --aux_lr must be > 0")
+    if (args.init_transforms or args.freeze) and args.model != bk.ARCHITECTURE:
+        p.error("--init_transforms and --freeze are for the codec (--model diffusion-hyperprior)")
+    if args.init_transforms and args.init_from:
+        p.error("--init_transforms starts a codec's transforms; --init_from the whole codec: give one")
     if args.rate_levels and not (args.rate_levels >= 2 and 0 < args.lambda_min < args.lambda_max and args.model == bk.ARCHITECTURE):
         p.error("--rate_levels must be 0 or >= 2, with 0 < --lambda_min < --lambda_max, for the codec (--model diffusion-hyperprior)")
     if not 0 < args.val_fraction < 1 or not 0 <= args.min_lr_ratio <= 1 or args.clip_max_norm < 0:
@@ -554,6 +601,8 @@ class Trainer:
         if self.levels and not source:
             with torch.no_grad():
                 self.model.log_steps.copy_(initial_log_steps(self.config["codec"]["quality_lambdas"], args.lambda_rate, self.model.config.M))
+        for part in args.freeze:  # before the optimizers are made: they hold what trains
+            getattr(self.model, part).requires_grad_(False)
         self.criterion = RateDistortionLoss(args.lambda_rate, args.distortion)
         main_params, aux_params = split_parameters(self.model)
         self.optimizer = torch.optim.Adam(main_params, lr=args.lr)
@@ -565,14 +614,21 @@ class Trainer:
         self.amp_dtype = getattr(torch, args.amp_dtype) if use_amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and args.amp_dtype == "float16")
         self.train_loader, self.val_loader = self._build_data()
+        copied = []
         if resume_ckpt:
             self._restore(resume_ckpt)
         elif init_ckpt:
             self._load_model_state(init_ckpt["state_dict"])
+        elif args.init_transforms:
+            copied = copy_transforms(self.model, transforms_source(args.init_transforms), args.init_transforms)
         self.net = self._training_module()
         self.writer, self.log = self._build_outputs()
         if warning := lic_common.cpu_amp_warning(self.device, args.amp):
             self.log.warning(warning)
+        if copied:
+            parts = sorted({k.split(".")[0] for k in copied})
+            self.log.info(f"--init_transforms {args.init_transforms}: {len(copied)} tensors of {', '.join(parts)} copied"
+                          + (f"; frozen: {', '.join(args.freeze)}" if args.freeze else ""))  # fmt: skip
 
     # -- construction --
 

@@ -473,3 +473,39 @@ def test_training_with_pretrained_parts_missing_is_one_line(image_dir, tmp_path,
         run_train(image_dir, tmp_path / "run", "--epochs", "1", "--use_pretrained_vae", "--bk_sdm_path", str(tmp_path / "empty"))
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error: could not load BK-SDM") and err.count("\n") == 1
+
+
+def test_init_transforms_from_compressais_zoo_copies_and_freezes(image_dir, tmp_path, monkeypatch):
+    """The real pretrained call (compressai.zoo, pretrained=True), offline: torch.hub's download
+    answered with a saved state dict of mbt2018-mean quality 1 (N=128, M=192)."""
+    import compressai.zoo.image as zoo
+    from compressai.models import MeanScaleHyperprior
+
+    torch.manual_seed(1)
+    source = MeanScaleHyperprior(128, 192).state_dict()
+    asked = []
+    monkeypatch.setattr(zoo, "load_state_dict_from_url", lambda url, progress=True: asked.append(url) or source)
+    args = tr.parse_args(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "run"), *TINY, "--N", "128", "--M", "192",
+                          "--init_transforms", "mbt2018-mean:1", "--freeze", "g_a", "g_s"])  # fmt: skip
+    trainer = tr.Trainer(args)
+    assert asked and "mbt2018-mean" in asked[0]
+    state = trainer.model.state_dict()
+    for k in ("g_a.0.weight", "g_s.6.bias", "h_a.4.weight", "h_s.4.weight", "entropy_bottleneck.matrices.0"):
+        assert torch.equal(state[k], source[k]), k
+    trained = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in trained for p in [*trainer.model.g_a.parameters(), *trainer.model.g_s.parameters()])
+    assert all(id(p) in trained for p in trainer.model.h_s.parameters())
+
+
+def test_init_transforms_from_a_compressai_training_checkpoint_and_a_size_mismatch(image_dir, tmp_path, capsys):
+    from compressai.models import MeanScaleHyperprior
+
+    torch.manual_seed(1)
+    source = MeanScaleHyperprior(8, 8)
+    torch.save({"epoch": 3, "state_dict": source.state_dict(), "loss": 1.0}, tmp_path / "checkpoint.pth.tar")  # examples/train.py's layout
+    trainer = tr.Trainer(tr.parse_args(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "run"), *TINY,
+                                        "--init_transforms", str(tmp_path / "checkpoint.pth.tar")]))  # fmt: skip
+    assert torch.equal(trainer.model.g_a[0].weight, source.g_a[0].weight)
+    with pytest.raises(SystemExit) as exc:
+        run_train(image_dir, tmp_path / "other", "--N", "16", "--init_transforms", str(tmp_path / "checkpoint.pth.tar"))
+    assert exc.value.code == 2 and "build the codec with the source's --N and --M" in capsys.readouterr().err
