@@ -46,9 +46,10 @@ def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path, monkeypatch
     assert set(bits) == learned - {"mbt2018"}  # its y is coded by a coder of its own, which the meter does not see
     assert all(b["real_over_table"] > 0 for b in bits.values())
     rows = [r for r in csv.DictReader(open(tmp_path / "results" / "per_image.csv")) if r["curve"] in bits]
-    # each file holds the table-ideal bits plus its header (37 bytes with the latent digest and the
-    # CRC) and, for each of its strings (5 with 4 reverse steps: 4 groups and z), a 4-byte length and the coder's flush
-    assert rows and all(0 < (float(r["bpp"]) - float(r["bpp_table"])) * 64 * 96 <= 8 * (37 + 5 * 12) for r in rows)
+    # each file holds the table-ideal bits plus its header (43 bytes with the latent digest, the
+    # quality, the hyper-latent digest and the CRC) and, for each of its strings (5 with 4 reverse
+    # steps: 4 groups and z), a 4-byte length and the coder's flush
+    assert rows and all(0 < (float(r["bpp"]) - float(r["bpp_table"])) * 64 * 96 <= 8 * (43 + 5 * 12) for r in rows)
     assert "| no-diffusion | lambda0.001 |" in table and "| diffusion-hyperprior | " in table and "vs bmshj2018-hyperprior" in table
     done = json.loads((tmp_path / "runs" / "no-diffusion" / "lambda0.001" / "done.json").read_text())
     budgets = json.loads((tmp_path / "results" / "step_budgets.json").read_text())
