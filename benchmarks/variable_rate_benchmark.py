@@ -12,7 +12,7 @@ files (exact entropy model; each file decoded and checked against the encoder's 
 
 Writes ``--output`` (JSON), the same name with ``.md`` (tables) and ``.png`` (Kodak plot).
 
-    python benchmarks/variable_rate_benchmark.py --checkpoint reference_checkpoints/diffusion-hyperprior-variable-rate.pth
+    python benchmarks/variable_rate_benchmark.py --checkpoint RUN/diffusion-hyperprior-variable-rate.pth
 """
 
 from __future__ import annotations
