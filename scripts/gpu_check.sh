@@ -49,7 +49,7 @@ if [ $fetch = 1 ]; then  # on a machine with the registries: wheels for CPython 
   mkdir -p .gpu/wheels
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
   .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d .gpu/wheels \
     "$(grep ^compressai== requirements.txt)" "$(grep ^diffusers== requirements.txt)" \
     "$(grep ^pytorch-msssim== requirements.txt)" importlib_metadata
