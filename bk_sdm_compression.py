@@ -1542,23 +1542,6 @@ def _hash_nested(h, value) -> None:
 PRETRAINED_DEFAULT_STRENGTH = 0.2
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers at all (one connection, no retries)."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _load_pretrained(cls, path: str, subfolder: str):
     """A diffusers component from a local folder, the local hub cache, or the hub. Offline, a hub id
     that is not cached fails at once (no minute of retries)."""
@@ -1570,7 +1553,7 @@ def _load_pretrained(cls, path: str, subfolder: str):
                 warnings.simplefilter("ignore")
                 return cls.from_pretrained(path, subfolder=subfolder, local_files_only=True)
         except Exception:
-            if not _hub_reachable():
+            if not lic_common.hub_reachable():
                 raise OSError(f"it is not in the local Hugging Face cache and the hub is not reachable from here") from None
             return cls.from_pretrained(path, subfolder=subfolder)
     except Exception as e:  # hub, file and config errors alike, some with pages of detail

@@ -190,8 +190,9 @@ def load_teacher(args: argparse.Namespace) -> FactorizedPrior:
             teacher = bmshj2018_factorized(quality=args.quality, pretrained=True)
         except Exception as e:
             raise RuntimeError(
-                f"could not download CompressAI's pretrained bmshj2018-factorized (quality {args.quality}): {e}\n"
-                "Train one (train_bk_sdm_compression.py --model bmshj2018-factorized) and pass --teacher_checkpoint."
+                f"could not download CompressAI's pretrained bmshj2018-factorized (quality {args.quality}): "
+                f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}; train one "
+                "(train_bk_sdm_compression.py --model bmshj2018-factorized) and pass --teacher_checkpoint"
             ) from e
     teacher.update(force=True)
     return teacher.eval().requires_grad_(False)

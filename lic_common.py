@@ -186,6 +186,24 @@ def _atomic_file(path: str | os.PathLike, mode: str):
         raise
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (one connection, no retries): an uncached hub id
+    then fails at once offline instead of after huggingface_hub's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a text file (a JSON result, a cache) atomically."""
     with _atomic_file(path, "w") as f:

@@ -53,11 +53,23 @@ def load_clip(name_or_path: str, device: torch.device):
     """The frozen CLIP vision tower and its image processor."""
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
+    def load(**kwargs):
+        return CLIPVisionModel.from_pretrained(name_or_path, **kwargs), CLIPImageProcessor.from_pretrained(name_or_path, **kwargs)
+
     try:
-        model = CLIPVisionModel.from_pretrained(name_or_path)
-        processor = CLIPImageProcessor.from_pretrained(name_or_path)
+        if Path(name_or_path).is_dir():
+            model, processor = load()
+        else:  # the local cache first; offline, an uncached hub id fails at once
+            try:
+                model, processor = load(local_files_only=True)
+            except Exception:
+                if not lic_common.hub_reachable():
+                    raise OSError("it is not in the local Hugging Face cache and the hub is not reachable from here") from None
+                model, processor = load()
     except Exception as e:
-        raise RuntimeError(f"could not load CLIP from '{name_or_path}': {e}\nPass --clip_model a local folder holding the model and its preprocessor_config.json.") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise RuntimeError(f"could not load CLIP from '{name_or_path}' ({first}); pass --clip_model a local folder "
+                           "holding the model and its preprocessor_config.json") from e
     return model.to(device).eval().requires_grad_(False), processor
 
 

@@ -116,7 +116,7 @@ def test_an_uncached_hub_id_fails_at_once_where_the_hub_is_unreachable(monkeypat
     """Offline, a hub id not in the local cache is refused after one connection attempt, not after
     huggingface_hub's retries (about half a minute)."""
     reached = []
-    monkeypatch.setattr(bk, "_hub_reachable", lambda timeout=3.0: reached.append(1) or False)
+    monkeypatch.setattr(lic_common, "hub_reachable", lambda timeout=3.0: reached.append(1) or False)
     with pytest.raises(bk.PretrainedError, match="not in the local Hugging Face cache and the hub is not reachable"):
         bk.create_bk_sdm_compression_model("nobody/no-such-model", use_pretrained_vae=True)
     assert reached == [1]

@@ -106,3 +106,10 @@ def test_train_resume_eval_infer(tiny_clip, tmp_path, capsys):
     with pytest.raises(SystemExit):
         tc.main(["eval", "--checkpoint", str(out / "best_model.pt"), "--data_dir", str(data), "--clip_model", "other/clip"])
     assert "--clip_model" in capsys.readouterr().err
+
+
+def test_an_uncached_clip_hub_id_fails_at_once_in_one_line_where_the_hub_is_unreachable(monkeypatch):
+    monkeypatch.setattr(lic_common, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(RuntimeError) as exc:
+        tc.load_clip("nobody/no-such-clip", torch.device("cpu"))
+    assert "hub is not reachable" in str(exc.value) and "\n" not in str(exc.value) and "--clip_model" in str(exc.value)
