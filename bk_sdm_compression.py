@@ -1093,6 +1093,10 @@ class DiffusionHyperprior(CompressionModel):
             raise ValueError(f"this variable-rate checkpoint needs a quality in [1, {levels}], got {quality}")
         return round((quality - 1) * 2**QUALITY_FRACTION_BITS)
 
+    def recorded_quality(self, quality: float) -> float:
+        """``quality`` as a file records it (a multiple of 2**-QUALITY_FRACTION_BITS above 1)."""
+        return 1 + self.quality_code(quality) / 2**QUALITY_FRACTION_BITS
+
     def _interpolate(self, table: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
         """Rows of ``table`` (levels, ...) at real positions quality - 1 (B,), linearly."""
         pos = (quality.float() - 1).clamp(0, len(table) - 1)
@@ -1949,7 +1953,7 @@ def encode_to_target(
     lo, hi = [1.0, None], [float(levels), None]  # quality, value at it (measured or not)
     quality, tried = (1 + levels) / 2, []
     for _ in range(max_encodes):
-        quality = round(quality * 2**QUALITY_FRACTION_BITS) / 2**QUALITY_FRACTION_BITS  # what the file can record
+        quality = model.recorded_quality(quality)
         value, data = measure(quality)
         tried.append((abs(value - target), quality, value, data))
         if within(value):
@@ -2032,8 +2036,8 @@ def run_compress(args: argparse.Namespace) -> dict:
     Path(args.output).write_bytes(data)
     result = {"bytes": len(data), "bpp": 8 * len(data) / (height * width), "encode_seconds": seconds}
     quality = found.quality if found else args.quality
-    if quality is not None:  # as the file records it
-        quality = 1 + model.quality_code(quality) / 2**QUALITY_FRACTION_BITS
+    if quality is not None:
+        quality = model.recorded_quality(quality)
     note = "" if quality is None else f", quality {quality:g}"
     if found:
         result |= {"quality": found.quality, "target_met": found.met, "encodes": found.encodes}

@@ -266,7 +266,7 @@ def build_codecs(args: argparse.Namespace, device: torch.device) -> list[Codec]:
             qualities = args.qualities or [float(q) for q in range(1, levels + 1)]
             if any(not 1 <= q <= levels for q in qualities):
                 raise ValueError(f"--qualities: {path} takes qualities in [1, {levels}], got {qualities}")
-            qualities = [1 + model.quality_code(q) / 2**bk.QUALITY_FRACTION_BITS for q in qualities]  # as files record them
+            qualities = [model.recorded_quality(q) for q in qualities]  # as files record them
             model_id = model.fingerprint()  # one curve from one checkpoint, a rate point per quality
             codecs += [LearnedCodec(name, f"{point}@q{q:g}", model, device, q, model_id) for q in qualities]
     for name in args.classical:

@@ -597,10 +597,10 @@ class Trainer:
         lic_common.seed_everything(args.seed)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model = set_training_options(build_model(self.config), args).to(self.device, memory_format=self.memory_format)
-        self.levels = self.config.get("codec", {}).get("quality_lambdas") and len(self.config["codec"]["quality_lambdas"])
+        self.levels = self.model.config.rate_levels if isinstance(self.model, bk.DiffusionHyperprior) else 0
         if self.levels and not source:
             with torch.no_grad():
-                self.model.log_steps.copy_(initial_log_steps(self.config["codec"]["quality_lambdas"], args.lambda_rate, self.model.config.M))
+                self.model.log_steps.copy_(initial_log_steps(self.model.config.quality_lambdas, args.lambda_rate, self.model.config.M))
         for part in args.freeze:  # before the optimizers are made: they hold what trains
             getattr(self.model, part).requires_grad_(False)
         self.criterion = RateDistortionLoss(args.lambda_rate, args.distortion)
