@@ -1268,11 +1268,16 @@ class DiffusionHyperprior(CompressionModel):
 
     # -- CompressAI contract --
 
-    def forward(self, x: torch.Tensor, quality: torch.Tensor | float | None = None) -> dict:
-        """Variable-rate models take ``quality``: one value or one per image, in [1, levels]."""
+    def forward(self, x: torch.Tensor, quality: torch.Tensor | float | None = None, latent: bool = False) -> dict:
+        """Variable-rate models take ``quality``: one value or one per image, in [1, levels].
+
+        ``latent=True``: ``x`` is the latent y itself ((B, M, h, w), h and w multiples of
+        ``pad_multiple // latent_factor``) and only the entropy model runs (h_a, the bottleneck,
+        h_s, the chain): training it on frozen transforms, from cached latents. The output then
+        has no ``x_hat``."""
         height, width = x.shape[-2:]
         step = self._step_for(quality, x.shape[0], x.device)
-        y = self.g_a(self._pad(x))
+        y = x if latent else self.g_a(self._pad(x))
         z = self.h_a(y)
         with torch.autocast(device_type=x.device.type, enabled=False):
             z_hat, z_likelihoods = self.entropy_bottleneck(z.float())
@@ -1310,8 +1315,8 @@ class DiffusionHyperprior(CompressionModel):
                     likelihoods["y"] = self._y_likelihoods(y_coded / step, self.gaussian_conditional.lower_bound_scale(scales / step), means / step)
                 if rate_weight is not None:  # one sampled step: L^w, see _teacher_forced (float64: L^w underflows fp32)
                     likelihoods["y"] = likelihoods["y"].double().pow(rate_weight)
-        x_hat = self.g_s(y_hat)[..., :height, :width]
-        return {"x_hat": x_hat, "y": y, "z": z, "y_hat": y_hat, "prediction": means, "scales": scales, "likelihoods": likelihoods}
+        out = {"y": y, "z": z, "y_hat": y_hat, "prediction": means, "scales": scales, "likelihoods": likelihoods}
+        return out if latent else {"x_hat": self.g_s(y_hat)[..., :height, :width]} | out
 
     def _exact_chain(self, z_hat: torch.Tensor, code_group: Callable, quality_code: int | None = None) -> torch.Tensor:
         """The reverse chain in the integer form, as encoder and decoder both run it.

@@ -18,6 +18,15 @@ Batches are (B, 3, image_size, image_size) random crops in [0, 1] (``--crop_sche
 size during training; ``--downscale_min`` takes them from randomly downscaled images). Everything the run writes is
 inside ``--output_dir``: config.json, training.log, tensorboard/, samples/, last_checkpoint.pth,
 best_checkpoint.pth (entropy tables updated, ready to compress) and checkpoint_<epoch>.pth.
+
+On a trained mean-scale model (``--init_transforms mbt2018-mean:4``, or a checkpoint of this
+project or of CompressAI's ``examples/train.py``) with ``--freeze g_a g_s``, only the entropy
+model trains, and the distortion no longer depends on anything that trains. ``--cache_latents N``
+then runs the frozen analysis transform once on N training crops (random downscales, positions
+and flips), keeps the (N, M, h, w) latents (in ``--latent_cache``, reused by later runs on the same
+transform and crops), and trains h_a, h_s and the prior on them at latent resolution with loss =
+bpp: 16 x 16 latents instead of 256 x 256 images. ``--patience`` stops a run whose validation loss
+has stopped improving.
 """
 
 from __future__ import annotations
@@ -315,6 +324,49 @@ class SeededSampler(Sampler):
         return iter(mine[self.skip :])
 
 
+class CachedLatents(Dataset):
+    """Items of a (n, M, h, w) latent tensor, indexed by ``SeededSampler``'s triples."""
+
+    def __init__(self, latents: torch.Tensor):
+        self.latents = latents
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, item) -> torch.Tensor:
+        return self.latents[item[0] if isinstance(item, tuple) else item]
+
+
+@torch.no_grad()
+def cache_latents(g_a: nn.Module, crops: ImageFolderCrops, items: list[tuple], path: Path, batch_size: int,
+                  device: torch.device, save: bool = True) -> torch.Tensor:  # fmt: skip
+    """The fp32 latents g_a gives ``crops[item]`` for each item, (len(items), M, h, w) on the CPU.
+    ``path`` keeps them with a key of g_a's weights, the files and the items: a later run (or a
+    resumed one) with the same transform and crops loads them instead of computing them again."""
+    import hashlib
+
+    key = hashlib.sha256(repr((items, [str(f) for f in crops.files], crops.downscale)).encode())
+    for name, tensor in sorted(g_a.state_dict().items()):
+        key.update(name.encode() + tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    key = key.hexdigest()
+    if path.is_file():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if stored.get("key") == key:
+            return stored["latents"]
+    was_training = g_a.training
+    g_a.eval()
+    parts = []
+    for start in tqdm(range(0, len(items), batch_size), desc=f"caching {len(items)} latents", leave=False, dynamic_ncols=True):
+        x = torch.stack([crops[item] for item in items[start : start + batch_size]]).to(device)
+        parts.append(g_a(x).float().cpu())
+    g_a.train(was_training)
+    latents = torch.cat(parts)
+    if save:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lic_common.save_checkpoint({"key": key, "latents": latents}, path)
+    return latents
+
+
 def split_files(files: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
     """A deterministic split by a hash of each file name (the same on every machine and run)."""
     if len(files) < 2:
@@ -353,6 +405,21 @@ class RateDistortionLoss(nn.Module):
             loss = distortion + (lambdas.to(bits.dtype) * bits).sum() / num_pixels
         psnr = -10 * torch.log10(mse.detach().clamp_min(1e-10))
         return {"loss": loss, "mse": mse, "bpp": bpp, "psnr": psnr}
+
+
+class RateLoss(nn.Module):
+    """loss = bpp, for the entropy model alone on cached latents (``--cache_latents``): with g_a and
+    g_s frozen, the distortion does not depend on what trains. ``pixel_factor``: image pixels per
+    latent element (the transform's downsampling factor squared)."""
+
+    def __init__(self, pixel_factor: int):
+        super().__init__()
+        self.pixel_factor = pixel_factor
+
+    def forward(self, out: dict, y: torch.Tensor, lambdas: torch.Tensor | None = None) -> dict:
+        likelihoods = {k: v if v.dtype == torch.float64 else v.float() for k, v in out["likelihoods"].items()}
+        bpp = lic_common.bpp_from_likelihoods(likelihoods, y.shape[0] * y.shape[-2] * y.shape[-1] * self.pixel_factor)
+        return {"loss": bpp, "bpp": bpp}
 
 
 class LRSchedule:
@@ -497,6 +564,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--calibration_crops", type=int, default=8, help="the codec: training crops that set the exact integer entropy model's ranges each time best_checkpoint.pth is saved")
     g.add_argument("--init_transforms", default=None, help="the codec: start g_a, g_s, h_a, h_s and the entropy bottleneck from a trained mean-scale model, ARCH:QUALITY of CompressAI's zoo (pretrained=True, e.g. mbt2018-mean:4) or a checkpoint file (this project's or CompressAI's examples/train.py)")
     g.add_argument("--freeze", nargs="*", default=[], choices=TRANSFORM_PARTS, help="the codec: parts that do not train (e.g. g_a g_s with --init_transforms: the entropy model alone trains)")
+    g.add_argument("--cache_latents", type=int, default=0, help="with --freeze g_a g_s: train the entropy model on the latents of this many training crops, computed once (0: train on images)")
+    g.add_argument("--latent_cache", default=None, help="file that keeps the --cache_latents latents, for later runs on the same transform and crops (default: output_dir/latents.pth)")
+    g.add_argument("--patience", type=int, default=0, help="stop when the validation loss has not improved for this many validations (0: never)")
     g.add_argument("--init_from", default=None, help="start a new run (new optimizer, schedule and step count) from the model of this checkpoint (a training one, e.g. another rate point's, or a codec checkpoint such as a shipped one); its architecture and sizes replace --model/--N/--M")
     g.add_argument("--seed", type=int, default=42, help="random seed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -512,7 +582,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in positive:
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("diffusion_steps", "epoch_size", "max_steps", "num_workers", "warmup_steps", "save_every", "time_budget", "cache_images_mb"):
+    for name in ("diffusion_steps", "epoch_size", "max_steps", "num_workers", "warmup_steps", "save_every", "time_budget",
+                 "cache_images_mb", "cache_latents", "patience"):  # fmt: skip
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not (args.lambda_rate > 0 and args.lr > 0 and args.aux_lr > 0):
@@ -527,6 +598,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("need 0 < --val_fraction < 1, 0 <= --min_lr_ratio <= 1 and --clip_max_norm >= 0")
     if not 0 < args.downscale_min <= args.downscale_max <= 1:
         p.error(f"need 0 < --downscale_min <= --downscale_max <= 1, got {args.downscale_min} and {args.downscale_max}")
+    if args.cache_latents and not ({"g_a", "g_s"} <= set(args.freeze) and args.mode == "residual" and not args.rate_levels
+                                   and args.decoder_ste_from is None and not args.use_pretrained_vae and not args.crop_schedule):  # fmt: skip
+        p.error("--cache_latents trains the entropy model alone: it needs --freeze g_a g_s (and no --rate_levels, --decoder_ste_from, "
+                "--mode z_only or --use_pretrained_vae, which make the distortion depend on it, nor --crop_schedule)")
     if args.teacher_forcing == "sampled" and args.decoder_ste_from is not None:
         p.error("--decoder_ste_from needs every step's means: use it with --teacher_forcing all")
     if args.decoder_ste_from is not None and (args.model != bk.ARCHITECTURE or not 0 <= args.decoder_ste_from <= 1):
@@ -542,7 +617,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # crops, optimiser) would make it another experiment, so it comes from the run's configuration.
 RESUME_MAY_CHANGE = frozenset({
     "epochs", "max_steps", "time_budget", "budget_clock", "num_workers", "cache_images_mb", "device", "compile",
-    "val_interval", "save_every", "log_interval", "progress", "calibration_crops",
+    "val_interval", "save_every", "log_interval", "progress", "calibration_crops", "patience", "latent_cache",
 })  # fmt: skip
 
 
@@ -566,6 +641,7 @@ class RunState:
     batches_done: int = 0  # of the current epoch, when interrupted mid-epoch
     step: int = 0
     best_loss: float = math.inf
+    stale: int = 0  # validations since the best one, for --patience
     elapsed: float = 0.0  # seconds of training on --budget_clock, for --time_budget
 
 
@@ -603,7 +679,8 @@ class Trainer:
                 self.model.log_steps.copy_(initial_log_steps(self.model.config.quality_lambdas, args.lambda_rate, self.model.config.M))
         for part in args.freeze:  # before the optimizers are made: they hold what trains
             getattr(self.model, part).requires_grad_(False)
-        self.criterion = RateDistortionLoss(args.lambda_rate, args.distortion)
+        self.latent_mode = args.cache_latents > 0
+        self.criterion = RateLoss(self.model.latent_factor**2) if self.latent_mode else RateDistortionLoss(args.lambda_rate, args.distortion)
         main_params, aux_params = split_parameters(self.model)
         self.optimizer = torch.optim.Adam(main_params, lr=args.lr)
         self.aux_optimizer = torch.optim.Adam(aux_params, lr=args.aux_lr)
@@ -621,6 +698,8 @@ class Trainer:
             self._load_model_state(init_ckpt["state_dict"])
         elif args.init_transforms:
             copied = copy_transforms(self.model, transforms_source(args.init_transforms), args.init_transforms)
+        if self.latent_mode:  # after the weights are in place: the latents are the frozen g_a's
+            self.train_loader, self.val_loader = self._latent_data()
         self.net = self._training_module()
         self.writer, self.log = self._build_outputs()
         if warning := lic_common.cpu_amp_warning(self.device, args.amp):
@@ -675,6 +754,7 @@ class Trainer:
             train_files, val_files = files, lic_common.list_images(args.val_data_path)
         else:
             train_files, val_files = split_files(files, args.val_fraction)
+        self.train_files, self.val_files = train_files, val_files
         crops = CropSchedule(args.crop_schedule or str(args.image_size))
         train_set = ImageFolderCrops(train_files, args.image_size, train=True, cache_mb=args.cache_images_mb,
                                      downscale=(args.downscale_min, args.downscale_max))  # fmt: skip
@@ -689,6 +769,26 @@ class Trainer:
         train = DataLoader(train_set, batch_size=args.batch_size, sampler=self.sampler, drop_last=False, **common)
         val = DataLoader(val_set, batch_size=args.batch_size, sampler=val_sampler, **common)
         return train, val
+
+    def _latent_data(self) -> tuple[DataLoader, DataLoader]:
+        """--cache_latents: loaders of the frozen g_a's latents of N training crops and of N / 8
+        (at least one per image) random crops of the validation images, both fixed by the seed."""
+        args = self.args
+        path = Path(args.latent_cache) if args.latent_cache else self.out / "latents.pth"
+        sets = {}
+        for name, files, size, count, seed, where in (
+            ("train", self.train_files, args.image_size, args.cache_latents, args.seed, path),
+            ("val", self.val_files, args.val_image_size, max(len(self.val_files), args.cache_latents // 8), args.seed + 1,
+             path.with_name(f"{path.stem}_val{path.suffix}")),
+        ):  # fmt: skip
+            crops = ImageFolderCrops(files, size, train=True, cache_mb=args.cache_images_mb, downscale=(args.downscale_min, args.downscale_max))
+            items = list(SeededSampler(len(files), count, seed, crop_schedule=CropSchedule(str(size))))
+            sets[name] = CachedLatents(cache_latents(self.model.g_a, crops, items, where, args.batch_size, self.device, save=self.is_main))
+        self.sampler = SeededSampler(len(sets["train"]), args.epoch_size or len(sets["train"]), args.seed, self.rank, self.world,
+                                     batch_size=args.batch_size)  # fmt: skip
+        val_sampler = SeededSampler(len(sets["val"]), len(sets["val"]), 0, self.rank, self.world, shuffle=False)
+        return (DataLoader(sets["train"], batch_size=args.batch_size, sampler=self.sampler),
+                DataLoader(sets["val"], batch_size=args.batch_size, sampler=val_sampler))  # fmt: skip
 
     def _training_module(self) -> nn.Module:
         """The module the training steps call: the model, in DDP with several processes, compiled
@@ -749,7 +849,7 @@ class Trainer:
             return
         if update_tables:
             if self.config["architecture"] == bk.ARCHITECTURE:  # the exact form's ranges, from training crops
-                files = self.train_loader.dataset.files
+                files = self.train_files
                 self.model.calibrate(bk.calibration_crops(files, self.args.calibration_crops, min(self.args.image_size, 256)))
             self.model.update(force=True)
         state = checkpoint_model_state(self.model, self.config)
@@ -833,7 +933,10 @@ class Trainer:
                 quality = 1 + torch.rand(x.shape[0], device=self.device) * (self.levels - 1)
                 lambdas = self.model.quality_lambda(quality)
             with self.autocast():
-                out = self.net(x) if quality is None else self.net(x, quality=quality)
+                if self.latent_mode:
+                    out = self.net(x, latent=True)
+                else:
+                    out = self.net(x) if quality is None else self.net(x, quality=quality)
             losses = self.criterion(out, x, lambdas)
             if not torch.isfinite(losses["loss"]):
                 raise TrainingDiverged(
@@ -864,7 +967,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
             images, crop = images + x.shape[0] * self.world, x.shape[-1]
-            bar.set_postfix(loss=f"{values['loss']:.4f}", bpp=f"{values['bpp']:.3f}", psnr=f"{values['psnr']:.2f}")
+            bar.set_postfix(loss=f"{values['loss']:.4f}", bpp=f"{values['bpp']:.3f}", psnr=f"{values.get('psnr', math.nan):.2f}")
             if self.writer and self.state.step % self.args.log_interval == 0:
                 for k, v in values.items():
                     self.writer.add_scalar(f"train/{k}", v, self.state.step)
@@ -889,7 +992,7 @@ class Trainer:
         points = {}
         for quality in self.validation_qualities():
             points[quality], first = self._evaluate_at(quality)
-        metrics = {k: sum(p[k] for p in points.values()) / len(points) for k in ("loss", "bpp", "mse", "psnr")}
+        metrics = {k: sum(p[k] for p in points.values()) / len(points) for k in next(iter(points.values()))}
         if self.levels:
             metrics |= {f"q{q:g}_{k}": v for q, p in points.items() for k, v in p.items()}
         if self.writer:
@@ -898,6 +1001,7 @@ class Trainer:
             if self.levels:  # the rate-distortion curve at this step
                 for q, p in points.items():
                     self.writer.add_scalars("val/rd_curve_psnr_x1000bpp", {f"q{q:g}": p["psnr"]}, round(1000 * p["bpp"]))
+        if self.writer and first is not None:
             x, x_hat = first
             self.writer.add_images("val/original_reconstruction", torch.stack([x, x_hat.clamp(0, 1)]), self.state.step)
             lic_common.save_image(x_hat, self.out / "samples" / f"epoch{epoch:04d}.png")
@@ -910,13 +1014,18 @@ class Trainer:
             x = x.to(self.device, memory_format=self.memory_format)
             lambdas = None
             with self.autocast():
-                if quality is None:
+                if self.latent_mode:
+                    out = self.model(x, latent=True)
+                elif quality is None:
                     out = self.model(x)
                 else:
                     q = torch.full((x.shape[0],), quality, device=self.device)
                     out, lambdas = self.model(x, quality=q), self.model.quality_lambda(q)
             losses = self.criterion(out, x, lambdas)
             n = x.shape[0]
+            if self.latent_mode:  # the rate alone: the distortion does not depend on what trains
+                totals += torch.tensor([losses["loss"].item() * n, losses["bpp"].item() * n, 0, 0, n], dtype=torch.float64)
+                continue
             totals += torch.tensor([losses["loss"].item() * n, losses["bpp"].item() * n, losses["mse"].item() * n,
                                     lic_common.psnr(x, out["x_hat"].float()) * n, n], dtype=torch.float64)  # fmt: skip
             if first is None:
@@ -924,6 +1033,8 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(totals)
         n = totals[4].item()
+        if self.latent_mode:
+            return {"loss": totals[0].item() / n, "bpp": totals[1].item() / n}, first
         return {"loss": totals[0].item() / n, "bpp": totals[1].item() / n, "mse": totals[2].item() / n, "psnr": totals[3].item() / n}, first
 
     def stop_here(self):
@@ -950,13 +1061,12 @@ class Trainer:
                     if (finished and epoch % args.val_interval == 0) or last:
                         val = self.evaluate(epoch)
                         improved = val["loss"] < s.best_loss
-                        if improved:
-                            s.best_loss = val["loss"]
+                        s.best_loss, s.stale = (val["loss"], 0) if improved else (s.best_loss, s.stale + 1)
                         self.log.info(
                             f"epoch {epoch} step {s.step}: {train.get('images_per_second', math.nan):.1f} img/s at "
                             f"{train.get('crop', 0)} px, train loss {train.get('loss', math.nan):.6f} "
                             f"bpp {train.get('bpp', math.nan):.3f} psnr {train.get('psnr', math.nan):.2f} | val loss "
-                            f"{val['loss']:.6f} bpp {val['bpp']:.3f} psnr {val['psnr']:.2f}{' (best)' if improved else ''}"
+                            f"{val['loss']:.6f} bpp {val['bpp']:.4f} psnr {val.get('psnr', math.nan):.2f}{' (best)' if improved else ''}"
                             + "".join(f" | q{q:g}: bpp {val[f'q{q:g}_bpp']:.3f} psnr {val[f'q{q:g}_psnr']:.2f}"
                                       for q in self.validation_qualities() if q is not None)
                         )
@@ -965,13 +1075,16 @@ class Trainer:
                     if finished and args.save_every and s.epoch % args.save_every == 0:
                         self.save_checkpoint(self.out / f"checkpoint_{epoch}.pth")
                     self.save_checkpoint(self.out / "last_checkpoint.pth")
+                    if args.patience and s.stale >= args.patience:
+                        self.log.info(f"stopping: the validation loss has not improved for {s.stale} validations (--patience)")
+                        break
                 if self.interrupted:  # the signal came during validation or saving
                     self.stop_here()
         finally:
             if self.writer:
                 self.writer.close()
         self.log.info(f"done: step {s.step}, epoch {s.epoch}, best validation loss {s.best_loss:.4f}")
-        return {"step": s.step, "epoch": s.epoch, "best_loss": s.best_loss, "elapsed_seconds": s.elapsed,
+        return {"step": s.step, "epoch": s.epoch, "best_loss": s.best_loss, "elapsed_seconds": s.elapsed, "stale_validations": s.stale,
                 **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
 
 
