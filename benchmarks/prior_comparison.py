@@ -141,6 +141,15 @@ def train_codec_prior(args, checkpoint: str, name: str, run: Path, cache: Path) 
     return json.loads(done.read_text())
 
 
+def elic_groups(M: int) -> list[int]:
+    """ELIC's uneven channel groups: 16, 16, 32, 64, M - 128 (smaller latents, as in the tests:
+    the same shares of M, each at least one channel)."""
+    if M > 128:
+        return [16, 16, 32, 64, M - 128]
+    head = [max(1, M // 16), max(1, M // 16), max(1, M // 8), max(1, M // 4)]
+    return [*head, M - sum(head)]
+
+
 def compressai_prior(kind: str, codec: bk.DiffusionHyperprior) -> nn.Module:
     """CompressAI's checkerboard or ELIC-style latent codec on the codec's latent (M channels),
     with copies of its h_a, h_s and entropy bottleneck (h_s gives scales, then means, as
@@ -169,7 +178,7 @@ def compressai_prior(kind: str, codec: bk.DiffusionHyperprior) -> nn.Module:
                                                  nn.Conv2d(10 * M // 3, 8 * M // 3, 1), nn.LeakyReLU(inplace=True),
                                                  nn.Conv2d(8 * M // 3, 2 * M, 1)))  # fmt: skip
     else:  # Elic2022Official's context layers
-        groups = [16, 16, 32, 64, M - 128]
+        groups = elic_groups(M)
         channel_context = {f"y{k}": nn.Sequential(conv(sum(groups[:k]), 224, kernel_size=5, stride=1), nn.ReLU(inplace=True),
                                                   conv(224, 128, kernel_size=5, stride=1), nn.ReLU(inplace=True),
                                                   conv(128, groups[k] * 2, kernel_size=5, stride=1))
@@ -270,12 +279,175 @@ def train_all(args: argparse.Namespace, work: Path) -> dict:
     return runs
 
 
+# ---- Measuring ----
+
+
+class Coder:
+    """One trained entropy model at one rate point: ``code(x)`` -> (payload bytes, decoded latent,
+    the estimate's bits), ``check(x)``: the latent decoded from the bytes is the encoder's."""
+
+    def __init__(self, name: str, run: Path, codec: bk.DiffusionHyperprior):
+        self.name, self.codec = name, codec
+        if name in CODEC_PRIORS:
+            self.model = bk.load_codec(run / "best_checkpoint.pth", device="cpu")[0]
+        else:
+            self.model = compressai_prior(name, codec)
+            self.model.load_state_dict(lic_common.load_checkpoint(run / "best.pth")["state_dict"])
+            self.model.update(force=True)
+        self.model.eval()
+
+    def _encode(self, x: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        if self.name in CODEC_PRIORS:
+            out = self.model.compress(x[None])
+            return out, out["y_hat"]
+        y = self.codec.g_a(self.codec._pad(x[None]))
+        out = self.model.latent_codec.compress(y)
+        return out, out["y_hat"]
+
+    @torch.no_grad()
+    def code(self, x: torch.Tensor) -> tuple[int, torch.Tensor, float]:
+        out, y_hat = self._encode(x)
+        payload = sum(len(s) for group in out["strings"] for s in group)
+        y = self.codec.g_a(self.codec._pad(x[None]))
+        likelihoods = (self.model(y, latent=True) if self.name in CODEC_PRIORS else self.model(y))["likelihoods"]
+        bits = sum(-v.double().log2().sum().item() for v in likelihoods.values())
+        return payload, y_hat, bits
+
+    @torch.no_grad()
+    def check(self, x: torch.Tensor) -> bool:
+        out, y_hat = self._encode(x)
+        if self.name in CODEC_PRIORS:
+            decoded = self.model.decompress(out["strings"], out["shape"])["y_hat"]
+        else:
+            decoded = self.model.latent_codec.decompress(out["strings"], out["shape"])["y_hat"]
+        return torch.equal(decoded, y_hat)
+
+
+def measure_point(args, work: Path, point: str, checkpoint: str, names: list[str], sets: dict[str, list[Path]]) -> dict:
+    """{set: {prior: [per-image result dicts]}} at one rate point, cached in ``work/point/measured.json``."""
+    path = work / point / "measured.json"
+    measured = json.loads(path.read_text()) if path.is_file() else {}
+    codec = bk.load_codec(checkpoint, device="cpu")[0]
+    for name in names:
+        if all(name in measured.get(where, {}) for where in sets):
+            continue
+        coder = Coder(name, work / point / name, codec)
+        for where, files in sets.items():
+            rows = []
+            for i, f in enumerate(files):
+                x = lic_common.load_image(f)
+                pixels = x.shape[-2] * x.shape[-1]
+                start = time.perf_counter()
+                payload, y_hat, bits = coder.code(x)
+                seconds = time.perf_counter() - start
+                psnr, ms_ssim = ev.image_metrics(x, codec.synthesize(y_hat, *x.shape[-2:])[0])
+                rows.append({"image": f.name, "bpp": 8 * payload / pixels, "bpp_estimate": bits / pixels, "psnr": psnr,
+                             "ms_ssim": ms_ssim, "seconds": seconds, "roundtrip": coder.check(x) if i == 0 else None})  # fmt: skip
+            measured.setdefault(where, {})[name] = rows
+            print(f"{point} {name} {where}: {sum(r['bpp'] for r in rows) / len(rows):.4f} bpp "
+                  f"{sum(r['psnr'] for r in rows) / len(rows):.2f} dB", flush=True)  # fmt: skip
+        lic_common.write_text_atomic(path, json.dumps(measured))
+    return measured
+
+
+def curves_of(measured: dict[str, dict], where: str) -> dict[str, dict]:
+    """{prior: curve} over the rate points, as ``rd_kodak.json`` lays curves out."""
+    results = [ev.ImageResult(curve=name, point=point, image=r["image"], bpp=r["bpp"], bpp_estimate=r["bpp_estimate"],
+                              psnr=r["psnr"], ms_ssim=r["ms_ssim"], compression_ratio=math.nan, encode_seconds=r["seconds"],
+                              decode_seconds=math.nan, peak_memory_mb=math.nan, roundtrip_matches_forward=r["roundtrip"])
+               for point, m in measured.items() for name, rows in m[where].items() for r in rows]  # fmt: skip
+    curves = ev.curves_from_results(results)
+    for c in curves.values():
+        c["description"] = f"entropy model trained on frozen latents (benchmarks/prior_comparison.py); {c['description']}"
+    return curves
+
+
+def summarize(args, runs: dict, measured: dict, sets: dict) -> dict:
+    summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("results",)}, "runs": runs}
+    for where in sets:
+        curves = curves_of(measured, where)
+        main_curves = {k: v for k, v in curves.items() if len(v["results"]["bpp"]) > 1}
+        per_point = {point: {name: {k: sum(r[k] for r in rows) / len(rows) for k in ("bpp", "bpp_estimate", "psnr")}
+                             | {"roundtrip": rows[0]["roundtrip"]} for name, rows in m[where].items()}
+                     for point, m in measured.items()}  # fmt: skip
+        for point in per_point.values():
+            for row in point.values():
+                if args.anchor in point:
+                    row[f"bits_vs_{args.anchor}_percent"] = 100 * (row["bpp"] / point[args.anchor]["bpp"] - 1)
+        summary[where] = {"images": [f.name for f in sets[where]], "curves": curves,
+                          "bd_rate": {a: ev.bd_rates(main_curves, a) for a in ("mean-scale", "checkerboard", "elic") if a in main_curves},
+                          "per_point": per_point}  # fmt: skip
+    return summary
+
+
+def write_results(summary: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lic_common.write_text_atomic(path.with_suffix(".json"), json.dumps(summary, indent=1))
+    lines = [f"# Entropy models on the same frozen latents ({', '.join(summary['settings']['checkpoints'] and [Path(c).stem for c in summary['settings']['checkpoints']])})", ""]
+    for where in ("kodak", "unseen"):
+        if where not in summary:
+            continue
+        s = summary[where]
+        lines += [f"## {where} ({len(s['images'])} images)", ""]
+        anchors = list(s["bd_rate"])
+        if anchors:
+            lines += ["BD-rate (PSNR) of each curve (rows) against each anchor (columns), %:", "",
+                      "| curve | " + " | ".join(anchors) + " |", "|---" * (len(anchors) + 1) + "|"]  # fmt: skip
+            for name in s["bd_rate"][anchors[0]]:
+                lines.append(f"| {name} | " + " | ".join(f"{s['bd_rate'][a][name]['bd_rate_psnr']:+.2f}" for a in anchors) + " |")
+        lines += ["", "Each rate point: bpp (real bytes), estimate, PSNR, bits against the anchor, round trip of the first image:", "",
+                  "| point | prior | bpp | estimate | PSNR (dB) | bits vs anchor | round trip |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for point, rows in s["per_point"].items():
+            for name, r in rows.items():
+                vs = r.get(f"bits_vs_{summary['settings']['anchor']}_percent", math.nan)
+                lines.append(f"| {point} | {name} | {r['bpp']:.4f} | {r['bpp_estimate']:.4f} | {r['psnr']:.2f} | {vs:+.2f}% | {r['roundtrip']} |")
+        lines.append("")
+    lines += ["## Training (validation bpp on held-out latents)", "", "| point | prior | steps | best validation bpp | stopped by |", "|---|---|---|---|---|"]
+    for point, runs in summary["runs"].items():
+        for name, r in runs.items():
+            stop = "patience" if r["stale_validations"] >= summary["settings"]["patience"] else "budget"
+            lines.append(f"| {point} | {name} | {r['step']} | {r['best_loss']:.4f} | {stop} |")
+    lic_common.write_text_atomic(path.with_suffix(".md"), "\n".join(lines) + "\n")
+    plot(summary, path.with_suffix(".png"))
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = list(summary["runs"])
+    fig, axes = plt.subplots(1, 1 + len(points), figsize=(5 * (1 + len(points)), 4.2))
+    for name, c in summary["kodak"]["curves"].items():
+        r = c["results"]
+        axes[0].plot(r["bpp"], r["psnr-rgb"], "o-" if len(r["bpp"]) > 1 else "s", label=name)
+    axes[0].set(xlabel="bits per pixel (real bytes)", ylabel="PSNR-RGB (dB)", title="Kodak")
+    for ax, point in zip(axes[1:], points):
+        for name, r in summary["runs"][point].items():
+            steps, bpp = zip(*r["curve"]) if r["curve"] else ((), ())
+            ax.plot(steps, bpp, label=name)
+        ax.set(xlabel="training step", ylabel="validation bpp", title=point)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     work = Path(args.work_dir)
-    torch.set_num_threads(torch.get_num_threads())
     runs = train_all(args, work)
-    return {"runs": runs}
+    sets = {"kodak": lic_common.list_images(args.kodak)}
+    if args.unseen:
+        sets["unseen"] = lic_common.write_sample_photos(work / "unseen")
+    sets = {k: v[: args.max_images or None] for k, v in sets.items()}
+    measured = {point_name(c): measure_point(args, work, point_name(c), c, list(runs[point_name(c)]), sets) for c in args.checkpoints}
+    summary = summarize(args, runs, measured, sets)
+    write_results(summary, Path(args.results))
+    return summary
 
 
 if __name__ == "__main__":

@@ -405,3 +405,41 @@ def test_gpu_check_script_runs_every_stage_in_its_dry_mode(tmp_path):
     assert json.loads((out / "exact_cuda.json").read_text())
     model, _ = bk.load_codec(out / "trained-lambda1.2e-3.pth")  # the trained run, slim, codes
     assert model.exact is not None
+
+
+def test_prior_comparison_trains_every_entropy_model_on_the_same_latents_and_measures_real_files(image_dir, tmp_path):
+    """Two tiny rate points; every prior trains on the same cached latents, codes real files
+    (the first image of each set decoded from its bytes), and the summary holds the BD-rates."""
+    import prior_comparison as pc
+
+    ckpts = []
+    for i in range(2):
+        torch.manual_seed(i)
+        ckpts.append(str(save_ckpt(perturbed(tiny_model(diffusion_steps=2)), tmp_path / f"diffusion-hyperprior-lambda0.00{i + 1}.pth")))
+    kodak = tmp_path / "kodak"
+    for i in range(2):
+        write_image(kodak / f"kodim0{i + 1}.png", (64, 64), seed=i)
+    summary = pc.main(["--checkpoints", *ckpts, "--data_path", str(image_dir), "--kodak", str(kodak), "--work_dir", str(tmp_path / "work"),
+                       "--results", str(tmp_path / "res"), "--cache_latents", "8", "--image_size", "64", "--batch_size", "4",
+                       "--minutes", "0.05", "--epoch_size", "4", "--variants", "diffusion-channels-4", "--max_images", "1"])  # fmt: skip
+    assert set(summary["runs"]) == {"lambda0.001", "lambda0.002"}
+    assert set(summary["runs"]["lambda0.002"]) == {"mean-scale", "diffusion-prior", "checkerboard", "elic", "diffusion-channels-4"}
+    assert all(r["step"] > 0 and r["curve"] for point in summary["runs"].values() for r in point.values())
+    for where in ("kodak", "unseen"):
+        assert set(summary[where]["curves"]) == {"mean-scale", "diffusion-prior", "checkerboard", "elic", "diffusion-channels-4"}
+        assert set(summary[where]["bd_rate"]) == {"mean-scale", "checkerboard", "elic"}
+        assert summary[where]["bd_rate"]["mean-scale"]["mean-scale"]["bd_rate_psnr"] == pytest.approx(0, abs=1e-9)
+        for rows in summary[where]["per_point"].values():
+            assert all(r["roundtrip"] is True and r["bpp"] > 0 for r in rows.values())
+    # every model of a rate point trained on the one cache; bpp counts whole bytes, the estimate beside it
+    latents = torch.load(tmp_path / "work" / "lambda0.001" / "latents.pth", weights_only=True)["latents"]
+    assert latents.shape[0] == 8
+    for r in summary["kodak"]["per_point"]["lambda0.001"].values():
+        assert (r["bpp"] * 64 * 64 / 8).is_integer() and 0 < r["bpp_estimate"] != r["bpp"]
+    assert json.loads((tmp_path / "res.json").read_text())["kodak"]["curves"].keys() == summary["kodak"]["curves"].keys()
+    assert (tmp_path / "res.png").is_file() and "BD-rate" in (tmp_path / "res.md").read_text()
+    # a second call trains and measures nothing again
+    again = pc.main(["--checkpoints", *ckpts, "--data_path", str(image_dir), "--kodak", str(kodak), "--work_dir", str(tmp_path / "work"),
+                     "--results", str(tmp_path / "res2"), "--cache_latents", "8", "--image_size", "64", "--variants",
+                     "diffusion-channels-4", "--max_images", "1"])  # fmt: skip
+    assert again["kodak"]["per_point"] == summary["kodak"]["per_point"]

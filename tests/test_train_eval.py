@@ -509,3 +509,68 @@ def test_init_transforms_from_a_compressai_training_checkpoint_and_a_size_mismat
     with pytest.raises(SystemExit) as exc:
         run_train(image_dir, tmp_path / "other", "--N", "16", "--init_transforms", str(tmp_path / "checkpoint.pth.tar"))
     assert exc.value.code == 2 and "build the codec with the source's --N and --M" in capsys.readouterr().err
+
+
+def _mean_scale_checkpoint(path, N=8, M=8):
+    """A checkpoint of CompressAI's examples/train.py holding a (random) mbt2018-mean."""
+    from compressai.models import MeanScaleHyperprior
+
+    torch.manual_seed(1)
+    source = MeanScaleHyperprior(N, M)
+    torch.save({"epoch": 3, "state_dict": source.state_dict(), "loss": 1.0}, path)
+    return source
+
+
+def test_cache_latents_trains_the_entropy_model_alone_on_the_frozen_latents(image_dir, tmp_path, monkeypatch):
+    source = _mean_scale_checkpoint(tmp_path / "ms.pth.tar")
+    cache = tmp_path / "cache" / "latents.pth"
+    frozen = ["--init_transforms", str(tmp_path / "ms.pth.tar"), "--freeze", "g_a", "g_s", "--cache_latents", "8", "--latent_cache", str(cache)]
+    result = run_train(image_dir, tmp_path / "run", *frozen, "--epochs", "2")
+    assert result["step"] == 8 and "val_bpp" in result and "val_psnr" not in result  # 8 latents, batch 2, 2 epochs
+    train_latents = torch.load(cache, weights_only=True)["latents"]
+    val_latents = torch.load(cache.with_name("latents_val.pth"), weights_only=True)["latents"]
+    assert train_latents.shape == (8, 8, 4, 4) and val_latents.shape == (1, 8, 4, 4)  # 64 px crops, one validation image
+
+    # the cached latents are the frozen g_a's of the seeded training crops
+    trainer = tr.Trainer(tr.parse_args(["--data_path", str(image_dir), "--output_dir", str(tmp_path / "probe"), *TINY]))
+    crops = tr.ImageFolderCrops(trainer.train_files, 64, train=True)
+    items = list(tr.SeededSampler(len(trainer.train_files), 8, 42, crop_schedule=tr.CropSchedule("64")))
+    with torch.no_grad():
+        expected = source.g_a(torch.stack([crops[i] for i in items[:3]]))
+    torch.testing.assert_close(train_latents[:3], expected, rtol=1e-5, atol=1e-5)
+
+    # g_a and g_s stay the source's; the entropy model trained
+    state = lic_common.load_checkpoint(tmp_path / "run" / "last_checkpoint.pth")["state_dict"]
+    assert torch.equal(state["g_a.0.weight"], source.g_a[0].weight) and torch.equal(state["g_s.6.bias"], source.g_s[6].bias)
+    assert not torch.equal(state["h_s.4.weight"], source.h_s[4].weight)
+    assert not torch.equal(state["unet.conv_out.weight"], torch.zeros_like(state["unet.conv_out.weight"]))
+
+    # a second run on the same transform and crops reads the cache: no crop is decoded again
+    monkeypatch.setattr(tr.ImageFolderCrops, "__getitem__", lambda self, item: pytest.fail("latents recomputed"))
+    assert run_train(image_dir, tmp_path / "again", *frozen, "--epochs", "1")["step"] == 4
+    # the best checkpoint codes real files
+    src = write_image(tmp_path / "x.png", (40, 52))
+    monkeypatch.undo()
+    bk.main(["compress", str(src), str(tmp_path / "x.bin"), "--checkpoint", str(tmp_path / "run" / "best_checkpoint.pth")])
+    bk.main(["decompress", str(tmp_path / "x.bin"), str(tmp_path / "y.png"), "--checkpoint", str(tmp_path / "run" / "best_checkpoint.pth")])
+
+
+def test_cache_latents_needs_frozen_transforms_and_patience_stops_a_stalled_run(image_dir, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exc:
+        tr.parse_args(["--data_path", str(image_dir), "--cache_latents", "8", "--freeze", "g_a"])
+    assert exc.value.code == 2 and "--cache_latents trains the entropy model alone: it needs --freeze g_a g_s" in capsys.readouterr().err
+    # a validation loss that never improves after the first: --patience 2 stops two validations later
+    monkeypatch.setattr(tr.Trainer, "evaluate", lambda self, epoch: {"loss": 1.0, "bpp": 1.0, "mse": 0.0, "psnr": 0.0})
+    result = run_train(image_dir, tmp_path / "run", "--epochs", "10", "--patience", "2")
+    assert result["epoch"] == 3 and result["stale_validations"] == 2
+    assert "has not improved for 2 validations" in (tmp_path / "run" / "training.log").read_text()
+
+
+def test_the_codec_forward_on_a_latent_is_its_entropy_model():
+    model = bk.create_diffusion_hyperprior_model(N=8, M=8, diffusion_steps=2, unet_channels=8).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        whole, latent = model(x), model(model.g_a(x), latent=True)
+    assert "x_hat" not in latent
+    for k in ("y", "z"):
+        torch.testing.assert_close(latent["likelihoods"][k], whole["likelihoods"][k])
