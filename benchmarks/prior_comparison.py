@@ -16,12 +16,15 @@ and stopped by ``--patience``:
 
     mean-scale            the codec with 0 reverse steps: mu0, sigma0 of h_s code all of y
     diffusion-prior       the codec's masked-diffusion prior, 4 steps, checkerboard reveal
-    diffusion-8           8 steps, checkerboard reveal          (``--variants``, first rate point... all)
-    diffusion-channels-4  4 steps, channel-slice reveal
+    diffusion-8           8 steps, checkerboard reveal       } ``--variants``: at the middle rate
+    diffusion-channels-4  4 steps, channel-slice reveal      }  point only
     checkerboard          compressai.latent_codecs.CheckerboardLatentCodec, Cheng2020AnchorCheckerboard's
                           context and parameter layers at the latent's M channels
     elic                  compressai.latent_codecs.ChannelGroupsLatentCodec in ELIC's configuration:
                           groups 16, 16, 32, 64, M - 128, a checkerboard in each, Elic2022Official's layers
+
+Beside them, ``checkpoint`` is the rate point's checkpoint as it is: its own prior, trained
+jointly with its transforms (what the frozen-transform training improves on).
 
 The codec's priors train through ``train_bk_sdm_compression.py --init_transforms CKPT --freeze g_a
 g_s --cache_latents N``; CompressAI's with the loop below, on the same cached latents. Then every
@@ -69,6 +72,7 @@ CODEC_PRIORS = {  # name: train_bk_sdm_compression.py flags
 }
 COMPRESSAI_PRIORS = ("checkerboard", "elic")
 PRIORS = (*CODEC_PRIORS, *COMPRESSAI_PRIORS)
+SHIPPED = "checkpoint"  # the rate point's checkpoint itself: its prior, trained jointly with its transforms
 DEFAULT_CHECKPOINTS = [str(ROOT / "reference_checkpoints" / f"diffusion-hyperprior-lambda{lam}.pth") for lam in ("0.0085", "0.0023", "0.00062")]
 
 
@@ -286,9 +290,11 @@ class Coder:
     """One trained entropy model at one rate point: ``code(x)`` -> (payload bytes, decoded latent,
     the estimate's bits), ``check(x)``: the latent decoded from the bytes is the encoder's."""
 
-    def __init__(self, name: str, run: Path, codec: bk.DiffusionHyperprior):
+    def __init__(self, name: str, run: Path, codec: bk.DiffusionHyperprior, checkpoint: str):
         self.name, self.codec = name, codec
-        if name in CODEC_PRIORS:
+        if name == SHIPPED:
+            self.model = bk.load_codec(checkpoint, device="cpu")[0]
+        elif name in CODEC_PRIORS:
             self.model = bk.load_codec(run / "best_checkpoint.pth", device="cpu")[0]
         else:
             self.model = compressai_prior(name, codec)
@@ -296,8 +302,12 @@ class Coder:
             self.model.update(force=True)
         self.model.eval()
 
+    @property
+    def is_codec(self) -> bool:
+        return self.name == SHIPPED or self.name in CODEC_PRIORS
+
     def _encode(self, x: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        if self.name in CODEC_PRIORS:
+        if self.is_codec:
             out = self.model.compress(x[None])
             return out, out["y_hat"]
         y = self.codec.g_a(self.codec._pad(x[None]))
@@ -309,14 +319,14 @@ class Coder:
         out, y_hat = self._encode(x)
         payload = sum(len(s) for group in out["strings"] for s in group)
         y = self.codec.g_a(self.codec._pad(x[None]))
-        likelihoods = (self.model(y, latent=True) if self.name in CODEC_PRIORS else self.model(y))["likelihoods"]
+        likelihoods = (self.model(y, latent=True) if self.is_codec else self.model(y))["likelihoods"]
         bits = sum(-v.double().log2().sum().item() for v in likelihoods.values())
         return payload, y_hat, bits
 
     @torch.no_grad()
     def check(self, x: torch.Tensor) -> bool:
         out, y_hat = self._encode(x)
-        if self.name in CODEC_PRIORS:
+        if self.is_codec:
             decoded = self.model.decompress(out["strings"], out["shape"])["y_hat"]
         else:
             decoded = self.model.latent_codec.decompress(out["strings"], out["shape"])["y_hat"]
@@ -331,7 +341,7 @@ def measure_point(args, work: Path, point: str, checkpoint: str, names: list[str
     for name in names:
         if all(name in measured.get(where, {}) for where in sets):
             continue
-        coder = Coder(name, work / point / name, codec)
+        coder = Coder(name, work / point / name, codec, checkpoint)
         for where, files in sets.items():
             rows = []
             for i, f in enumerate(files):
@@ -444,7 +454,7 @@ def main(argv: list[str]) -> dict:
     if args.unseen:
         sets["unseen"] = lic_common.write_sample_photos(work / "unseen")
     sets = {k: v[: args.max_images or None] for k, v in sets.items()}
-    measured = {point_name(c): measure_point(args, work, point_name(c), c, list(runs[point_name(c)]), sets) for c in args.checkpoints}
+    measured = {point_name(c): measure_point(args, work, point_name(c), c, [*runs[point_name(c)], SHIPPED], sets) for c in args.checkpoints}
     summary = summarize(args, runs, measured, sets)
     write_results(summary, Path(args.results))
     return summary

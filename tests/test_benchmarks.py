@@ -426,7 +426,7 @@ def test_prior_comparison_trains_every_entropy_model_on_the_same_latents_and_mea
     assert set(summary["runs"]["lambda0.002"]) == {"mean-scale", "diffusion-prior", "checkerboard", "elic", "diffusion-channels-4"}
     assert all(r["step"] > 0 and r["curve"] for point in summary["runs"].values() for r in point.values())
     for where in ("kodak", "unseen"):
-        assert set(summary[where]["curves"]) == {"mean-scale", "diffusion-prior", "checkerboard", "elic", "diffusion-channels-4"}
+        assert set(summary[where]["curves"]) == {"mean-scale", "diffusion-prior", "checkerboard", "elic", "diffusion-channels-4", "checkpoint"}
         assert set(summary[where]["bd_rate"]) == {"mean-scale", "checkerboard", "elic"}
         assert summary[where]["bd_rate"]["mean-scale"]["mean-scale"]["bd_rate_psnr"] == pytest.approx(0, abs=1e-9)
         for rows in summary[where]["per_point"].values():
