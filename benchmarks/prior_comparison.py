@@ -90,13 +90,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--downscale_min", type=float, default=0.5, help="crops from photographs downscaled by a random factor in [this, 1]")
     p.add_argument("--batch_size", type=int, default=16, help="latents per step")
     p.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (cosine decay over the budget)")
-    p.add_argument("--minutes", type=float, default=10.0, help="process CPU minutes (all threads) each model may train")
+    p.add_argument("--minutes", type=float, default=8.0, help="minutes each model may train, on --budget_clock")
+    p.add_argument("--budget_clock", default="process", choices=("process", "wall"), help="what --minutes counts: this process's CPU time (all threads), or wall time (on a GPU)")
     p.add_argument("--epoch_size", type=int, default=1024, help="latents between validations")
     p.add_argument("--patience", type=int, default=4, help="stop after this many validations without improvement")
     p.add_argument("--max_images", type=int, default=0, help="measure on the first this many images of each set (0: all)")
     p.add_argument("--unseen", action=argparse.BooleanOptionalAction, default=True, help="also measure on scikit-image's photographs")
     p.add_argument("--anchor", default="mean-scale", choices=PRIORS, help="BD-rate anchor of the summary table")
     p.add_argument("--seed", type=int, default=0, help="seed of the crops and of every run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the entropy models train (they code on the CPU)")
     args = p.parse_args(argv)
     if len(args.checkpoints) < 1 or any(not Path(c).is_file() for c in args.checkpoints):
         p.error("--checkpoints: every one must be a codec checkpoint file")
@@ -123,8 +125,8 @@ def codec_flags(args: argparse.Namespace, checkpoint: str, out: Path, cache: Pat
             "--cache_latents", str(args.cache_latents), "--latent_cache", str(cache), "--image_size", str(args.image_size),
             "--val_image_size", str(args.image_size), "--downscale_min", str(args.downscale_min), "--batch_size", str(args.batch_size),
             "--lr", str(args.lr), "--epoch_size", str(args.epoch_size), "--epochs", "100000", "--time_budget", str(args.minutes),
-            "--budget_clock", "process", "--patience", str(args.patience), "--warmup_steps", "50", "--no-amp", "--no-progress",
-            "--num_workers", "0", "--save_every", "0", "--seed", str(args.seed)]  # fmt: skip
+            "--budget_clock", args.budget_clock, "--patience", str(args.patience), "--warmup_steps", "50", "--no-amp", "--no-progress",
+            "--num_workers", "0", "--save_every", "0", "--seed", str(args.seed), "--device", args.device]  # fmt: skip
 
 
 def validation_curve(run: Path) -> list[list[float]]:
@@ -223,20 +225,22 @@ def train_compressai_prior(args, kind: str, codec: bk.DiffusionHyperprior, run: 
         return json.loads(done.read_text())
     run.mkdir(parents=True, exist_ok=True)
     lic_common.seed_everything(args.seed)
-    model = compressai_prior(kind, codec).train()
-    latents, val = load_latents(cache)
+    device = torch.device(args.device)
+    model = compressai_prior(kind, codec).to(device).train()
+    latents, val = (t.to(device) for t in load_latents(cache))
     criterion = train.RateLoss(codec.latent_factor**2)
     main_params, aux_params = train.split_parameters(model)
     opt, aux_opt = torch.optim.Adam(main_params, lr=args.lr), torch.optim.Adam(aux_params, lr=1e-3)
     schedule = train.LRSchedule(opt, "cosine", 50, 0.05)
     sampler = train.SeededSampler(len(latents), args.epoch_size, args.seed, batch_size=args.batch_size)
+    clock = time.process_time if args.budget_clock == "process" else time.perf_counter
     budget, elapsed, step, epoch, best, stale, curve = args.minutes * 60, 0.0, 0, 0, math.inf, 0, []
     while elapsed < budget and stale < args.patience:
         sampler.set_epoch(epoch)
         order = [i for i, _, _ in sampler]
         for start in range(0, len(order), args.batch_size):
-            tick = time.process_time()
-            y = latents[order[start : start + args.batch_size]]
+            tick = clock()
+            y = latents[torch.tensor(order[start : start + args.batch_size], device=device)]
             loss = criterion(model(y), y)["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -246,7 +250,9 @@ def train_compressai_prior(args, kind: str, codec: bk.DiffusionHyperprior, run: 
             aux_opt.zero_grad(set_to_none=True)
             aux.backward()
             aux_opt.step()
-            elapsed += time.process_time() - tick
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed += clock() - tick
             step += 1
             schedule.step(step, elapsed / budget)
             if elapsed >= budget:
@@ -256,7 +262,7 @@ def train_compressai_prior(args, kind: str, codec: bk.DiffusionHyperprior, run: 
         curve.append([step, bpp])
         best, stale = (bpp, 0) if bpp < best else (best, stale + 1)
         if stale == 0:
-            lic_common.save_checkpoint({"state_dict": model.state_dict()}, run / "best.pth")
+            lic_common.save_checkpoint({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, run / "best.pth")
         print(f"{run.name}: step {step} validation bpp {bpp:.4f}{' (best)' if stale == 0 else ''}", flush=True)
     summary = {"step": step, "epoch": epoch, "best_loss": best, "elapsed_seconds": elapsed, "stale_validations": stale, "curve": curve}
     lic_common.write_text_atomic(done, json.dumps(summary))
