@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -343,8 +344,6 @@ def cache_latents(g_a: nn.Module, crops: ImageFolderCrops, items: list[tuple], p
     """The fp32 latents g_a gives ``crops[item]`` for each item, (len(items), M, h, w) on the CPU.
     ``path`` keeps them with a key of g_a's weights, the files and the items: a later run (or a
     resumed one) with the same transform and crops loads them instead of computing them again."""
-    import hashlib
-
     key = hashlib.sha256(repr((items, [str(f) for f in crops.files], crops.downscale)).encode())
     for name, tensor in sorted(g_a.state_dict().items()):
         key.update(name.encode() + tensor.detach().float().cpu().contiguous().numpy().tobytes())
