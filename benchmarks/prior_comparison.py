@@ -379,7 +379,8 @@ def curves_of(measured: dict[str, dict], where: str) -> dict[str, dict]:
 
 
 def summarize(args, runs: dict, measured: dict, sets: dict) -> dict:
-    summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("results",)}, "runs": runs}
+    settings = {k: v for k, v in vars(args).items() if k not in ("results", "work_dir", "device")}  # no machine's paths
+    summary = {"settings": settings | {"checkpoints": [Path(c).name for c in args.checkpoints]}, "runs": runs}
     for where in sets:
         curves = curves_of(measured, where)
         main_curves = {k: v for k, v in curves.items() if len(v["results"]["bpp"]) > 1}
@@ -434,15 +435,16 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     points = list(summary["runs"])
+    color = {name: f"C{i}" for i, name in enumerate([*PRIORS, SHIPPED])}
     fig, axes = plt.subplots(1, 1 + len(points), figsize=(5 * (1 + len(points)), 4.2))
     for name, c in summary["kodak"]["curves"].items():
         r = c["results"]
-        axes[0].plot(r["bpp"], r["psnr-rgb"], "o-" if len(r["bpp"]) > 1 else "s", label=name)
+        axes[0].plot(r["bpp"], r["psnr-rgb"], "o-" if len(r["bpp"]) > 1 else "s", color=color[name], label=name)
     axes[0].set(xlabel="bits per pixel (real bytes)", ylabel="PSNR-RGB (dB)", title="Kodak")
     for ax, point in zip(axes[1:], points):
         for name, r in summary["runs"][point].items():
             steps, bpp = zip(*r["curve"]) if r["curve"] else ((), ())
-            ax.plot(steps, bpp, label=name)
+            ax.plot(steps, bpp, color=color[name], label=name)
         ax.set(xlabel="training step", ylabel="validation bpp", title=point)
     for ax in axes:
         ax.grid(alpha=0.3)
