@@ -293,8 +293,8 @@ def train_all(args: argparse.Namespace, work: Path) -> dict:
 
 
 class Coder:
-    """One trained entropy model at one rate point: ``code(x)`` -> (payload bytes, decoded latent,
-    the estimate's bits), ``check(x)``: the latent decoded from the bytes is the encoder's."""
+    """One trained entropy model at one rate point: ``code(x)`` encodes an image, ``payload`` counts
+    its bytes, ``decodes_to`` decodes them and compares with the encoder's latent."""
 
     def __init__(self, name: str, run: Path, codec: bk.DiffusionHyperprior, checkpoint: str):
         self.name, self.codec = name, codec
@@ -312,26 +312,23 @@ class Coder:
     def is_codec(self) -> bool:
         return self.name == SHIPPED or self.name in CODEC_PRIORS
 
-    def _encode(self, x: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        if self.is_codec:
-            out = self.model.compress(x[None])
-            return out, out["y_hat"]
-        y = self.codec.g_a(self.codec._pad(x[None]))
-        out = self.model.latent_codec.compress(y)
-        return out, out["y_hat"]
-
     @torch.no_grad()
-    def code(self, x: torch.Tensor) -> tuple[int, torch.Tensor, float]:
-        out, y_hat = self._encode(x)
-        payload = sum(len(s) for group in out["strings"] for s in group)
+    def code(self, x: torch.Tensor) -> tuple[dict, torch.Tensor, float]:
+        """-> (the encoder's output, its decoded latent, the likelihood estimate's bits); the
+        analysis transform runs once for CompressAI's models (the codec's ``compress`` runs its own)."""
         y = self.codec.g_a(self.codec._pad(x[None]))
+        out = self.model.compress(x[None]) if self.is_codec else self.model.latent_codec.compress(y)
         likelihoods = (self.model(y, latent=True) if self.is_codec else self.model(y))["likelihoods"]
         bits = sum(-v.double().log2().sum().item() for v in likelihoods.values())
-        return payload, y_hat, bits
+        return out, out["y_hat"], bits
+
+    @staticmethod
+    def payload(out: dict) -> int:
+        return sum(len(s) for group in out["strings"] for s in group)
 
     @torch.no_grad()
-    def check(self, x: torch.Tensor) -> bool:
-        out, y_hat = self._encode(x)
+    def decodes_to(self, out: dict, y_hat: torch.Tensor) -> bool:
+        """The latent decoded from ``out``'s bytes is the encoder's ``y_hat``."""
         if self.is_codec:
             decoded = self.model.decompress(out["strings"], out["shape"])["y_hat"]
         else:
@@ -354,11 +351,12 @@ def measure_point(args, work: Path, point: str, checkpoint: str, names: list[str
                 x = lic_common.load_image(f)
                 pixels = x.shape[-2] * x.shape[-1]
                 start = time.perf_counter()
-                payload, y_hat, bits = coder.code(x)
+                out, y_hat, bits = coder.code(x)
                 seconds = time.perf_counter() - start
+                payload = coder.payload(out)
                 psnr, ms_ssim = ev.image_metrics(x, codec.synthesize(y_hat, *x.shape[-2:])[0])
                 rows.append({"image": f.name, "bpp": 8 * payload / pixels, "bpp_estimate": bits / pixels, "psnr": psnr,
-                             "ms_ssim": ms_ssim, "seconds": seconds, "roundtrip": coder.check(x) if i == 0 else None})  # fmt: skip
+                             "ms_ssim": ms_ssim, "seconds": seconds, "roundtrip": coder.decodes_to(out, y_hat) if i == 0 else None})  # fmt: skip
             measured.setdefault(where, {})[name] = rows
             print(f"{point} {name} {where}: {sum(r['bpp'] for r in rows) / len(rows):.4f} bpp "
                   f"{sum(r['psnr'] for r in rows) / len(rows):.2f} dB", flush=True)  # fmt: skip
