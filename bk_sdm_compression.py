@@ -426,6 +426,14 @@ LEAKY_SLOPE_BITS = 16
 HEADROOM = 4  # calibration: the largest value seen uses a quarter of the range
 DEFAULT_EXPONENT = 12  # an uncalibrated point holds [-128, 128) in steps of 2**-12
 QUALITY_FRACTION_BITS = 8  # variable rate: a file records its quality q as round((q - 1) * 2**8)
+GELU_RANGE, GELU_STEP_BITS = 8, 7  # GELU table over [-8, 8], step 2**-7, interpolated linearly
+EXP_RANGE, EXP_STEP_BITS = 24, 8  # softmax: exp(-x) over [0, 24], step 2**-8 (beyond: 0)
+EXP_ARG_BITS = 16  # softmax: fraction bits of the exp argument
+SCORE_BITS = 20  # softmax: fraction bits of the (clamped) score differences before scaling
+SCALE_BITS = 24  # attention: fraction bits of the integer score scale (1 / sqrt(head width))
+PROB_BITS = 30  # attention: probabilities in fixed point, a row summing to about 2**30
+ATTENTION_CHUNK = 2**22  # attention: score elements per chunk of queries (memory stays bounded)
+MAX_TOKENS = 2**30  # attention: the most keys a product may sum over (far above any image's)
 
 
 def _decimal_table(fn, xs) -> torch.Tensor:
@@ -454,6 +462,49 @@ def _ln_table() -> tuple[torch.Tensor, int]:
 
     xs = [1 + Decimal(i) / 2**LN_MANTISSA_BITS for i in range(2**LN_MANTISSA_BITS)]
     return _decimal_table(lambda x: x.ln(), xs), int(_decimal_table(lambda x: x.ln(), [Decimal(2)])[0])
+
+
+# pi to 60 digits, for GELU's normal CDF (``decimal`` has no erf)
+_PI = "3.14159265358979323846264338327950288419716939937510582097494459"
+
+
+@functools.lru_cache(maxsize=None)
+def _gelu_table() -> torch.Tensor:
+    """GELU(x) = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2 over [-GELU_RANGE, GELU_RANGE], erf by its
+    Taylor series in ``decimal`` at 80 digits (the series' terms stay far inside that precision)."""
+    from decimal import Decimal, localcontext
+
+    with localcontext() as ctx:
+        ctx.prec = 80
+        two_over_sqrt_pi = 2 / Decimal(_PI).sqrt()
+        inv_sqrt2 = 1 / Decimal(2).sqrt()
+        tiny = Decimal(10) ** -50
+
+        def gelu(x):
+            u = x * inv_sqrt2
+            total = term = u
+            n = 0
+            while True:
+                n += 1
+                term = -term * u * u / n
+                add = term / (2 * n + 1)
+                total += add
+                if abs(add) < tiny:
+                    break
+            return x * (1 + two_over_sqrt_pi * total) / 2
+
+        n = 2 * GELU_RANGE * 2**GELU_STEP_BITS + 1
+        values = [gelu(Decimal(i) / 2**GELU_STEP_BITS - GELU_RANGE) for i in range(n)]
+    return _decimal_table(lambda v: v, values)
+
+
+@functools.lru_cache(maxsize=None)
+def _exp_table() -> torch.Tensor:
+    """exp(-x) over [0, EXP_RANGE], step 2**-EXP_STEP_BITS (softmax)."""
+    from decimal import Decimal
+
+    xs = [Decimal(i) / 2**EXP_STEP_BITS for i in range(EXP_RANGE * 2**EXP_STEP_BITS + 1)]
+    return _decimal_table(lambda x: (-x).exp(), xs)
 
 
 def _shift(q: torch.Tensor, s) -> torch.Tensor:
@@ -493,12 +544,63 @@ def _exponent_for(maximum: float, limit: int = ACT_MAX) -> int:
     return int(max(0, min(EXPONENT_MAX, math.floor(math.log2(limit / (HEADROOM * maximum))))))
 
 
-@contextlib.contextmanager
-def _exact_convolutions():
-    """im2col + GEMM for float64 convolutions: no cuDNN (its FFT / Winograd algorithms round; oneDNN
-    has no float64 convolution, and TF32 does not touch float64)."""
-    with torch.backends.cudnn.flags(enabled=False):
-        yield
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A product of integer-valued float64 tensors whose every partial sum is an integer below
+    2**53 (proven per layer when the tables are built): exact in any summation order, on any BLAS,
+    CPU or GPU (float64 has no TF32 or reduced-precision path)."""
+    return torch.matmul(a, b)
+
+
+def _integer_conv(x: torch.Tensor, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """A convolution (or transposed convolution) of integer-valued float64 tensors (``layer`` gives
+    kernel, stride and padding), exact: gathers (unfold), exact products (``_matmul``) and, for a
+    transposed convolution, integer sums of the overlaps (fold). No convolution algorithm of a
+    backend is involved, so no process-wide flag (cuDNN's, oneDNN's) can change a value. A 3x3
+    stride-1 convolution that narrows the channels is one product of the nine taps followed by
+    shifted additions: no im2col buffer (4-5x faster for the U-Net's input layer)."""
+    B, C, H, W = x.shape
+    weight = weight.to(x.dtype)
+    if isinstance(layer, nn.ConvTranspose2d):  # weight (C, O, kh, kw): each input scatters a kernel-sized patch
+        O, (kh, kw), (sh, sw), (ph, pw) = weight.shape[1], layer.kernel_size, layer.stride, layer.padding
+        out_h = (H - 1) * sh - 2 * ph + kh + layer.output_padding[0]
+        out_w = (W - 1) * sw - 2 * pw + kw + layer.output_padding[1]
+        cols = _matmul(weight.reshape(C, O * kh * kw).t(), x.reshape(B, C, H * W))  # (B, O*kh*kw, H*W)
+        return F.fold(cols, (out_h, out_w), (kh, kw), padding=(ph, pw), stride=(sh, sw))
+    O, kh, kw = weight.shape[0], *layer.kernel_size
+    (sh, sw), (ph, pw) = layer.stride, layer.padding
+    if (kh, kw, sh, sw, ph, pw) == (3, 3, 1, 1, 1, 1) and C >= 2 * O:
+        taps = _matmul(weight.permute(2, 3, 0, 1).reshape(9 * O, C), x.reshape(B, C, H * W)).view(B, 3, 3, O, H, W)
+        out = taps[:, 1, 1].clone()
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if dy or dx:
+                    out[:, :, max(0, -dy) : H - max(0, dy), max(0, -dx) : W - max(0, dx)] += taps[
+                        :, dy + 1, dx + 1, :, max(0, dy) : H - max(0, -dy), max(0, dx) : W - max(0, -dx)
+                    ]
+        return out
+    out_h, out_w = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    if (kh, kw, sh, sw) == (1, 1, 1, 1) and (ph, pw) == (0, 0):
+        return _matmul(weight.reshape(O, C), x.reshape(B, C, H * W)).view(B, O, H, W)
+    cols = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # (B, C*kh*kw, L)
+    return _matmul(weight.reshape(O, -1), cols).view(B, O, out_h, out_w)
+
+
+def _sum_terms(layer: nn.Module) -> int:
+    """The most products one output of ``layer`` sums: in * kh * kw for a convolution, in *
+    ceil(kh / sh) * ceil(kw / sw) for a transposed one (an output takes every kernel tap whose
+    stride phase is its own), in for a linear layer."""
+    w = layer.weight
+    if isinstance(layer, nn.Linear):
+        return w.shape[1]
+    if isinstance(layer, nn.ConvTranspose2d):
+        (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
+        return w.shape[0] * -(-kh // sh) * -(-kw // sw)
+    return w.shape[1] * w.shape[2] * w.shape[3]
+
+
+def _adaptive_windows(size: int, grid: int) -> tuple[list[int], list[int]]:
+    """Start and end of adaptive average pooling's windows (PyTorch's: floor(i n / g), ceil((i + 1) n / g))."""
+    return [i * size // grid for i in range(grid)], [-(-(i + 1) * size // grid) for i in range(grid)]
 
 
 class ExactError(RuntimeError):
@@ -515,7 +617,7 @@ class _FloatOps:
 
     def __init__(self, temb: dict | None = None):
         self.maxima: dict[str, float] = {}
-        self.temb = temb  # {id(resnet): (scale, shift)} for the current timesteps (unet_time_tables)
+        self.temb = temb  # {id(resnet): (B, C') time embedding} for the current timesteps (unet_time_tables)
 
     def _seen(self, name, x):
         self.maxima[name] = max(self.maxima.get(name, 0.0), float(x.detach().abs().max()))
@@ -524,20 +626,44 @@ class _FloatOps:
     def input(self, name, x):
         return self._seen(name, x.double())
 
-    def conv(self, name, x, layer):
+    def conv(self, name, x, layer, time=None):
         w, b = layer.weight.double(), layer.bias.double()
         if isinstance(layer, nn.ConvTranspose2d):
             y = F.conv_transpose2d(x, w, b, layer.stride, layer.padding, layer.output_padding)
         else:
             y = F.conv2d(x, w, b, layer.stride, layer.padding)
+        if time is not None:  # ResnetBlock2D's "default" timestep path: added after conv1
+            y = y + self.temb[id(time)].double()[:, :, None, None]
         return self._seen(name, y)
+
+    def linear(self, name, x, layer, cached=False):
+        return self._seen(name, F.linear(x, layer.weight.double(), None if layer.bias is None else layer.bias.double()))
 
     def norm(self, name, x, norm, time=None):
         y = F.group_norm(x, norm.num_groups, norm.weight.double(), norm.bias.double(), norm.eps)
         if time is not None:
-            scale, shift = self.temb[id(time)]
-            y = y * (1 + scale.double()[:, :, None, None]) + shift.double()[:, :, None, None]
+            scale, shift = self.temb[id(time)].double().chunk(2, dim=1)
+            y = y * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
         return self._seen(name, y)
+
+    def layer_norm(self, name, x, norm):
+        w = None if norm.weight is None else norm.weight.double()
+        b = None if norm.bias is None else norm.bias.double()
+        return self._seen(name, F.layer_norm(x, norm.normalized_shape, w, b, norm.eps))
+
+    def attention(self, name, q, k, v, attn):
+        B, N, C = q.shape
+        heads = attn.heads
+        qh, kh, vh = (t.reshape(B, -1, heads, C // heads).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=attn.scale)
+        return self._seen(name, out.transpose(1, 2).reshape(B, N, C))
+
+    def gate(self, name, x):
+        a, b = x.chunk(2, dim=-1)
+        return self._seen(name, a * F.gelu(b))
+
+    def pool(self, x, grid):
+        return F.adaptive_avg_pool2d(x, grid)
 
     def silu(self, x):
         return F.silu(x)
@@ -554,6 +680,12 @@ class _FloatOps:
     def upsample(self, x):
         return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
+    def tokens(self, x):
+        return x.flatten(2).transpose(1, 2)
+
+    def image(self, x, like):
+        return x.transpose(1, 2).reshape(like.shape)
+
 
 def _walk_hyper(ops, h_s: nn.Sequential, x):
     """h_s, layer by layer (convolutions, transposed convolutions and LeakyReLUs)."""
@@ -568,101 +700,214 @@ def _walk_hyper(ops, h_s: nn.Sequential, x):
 
 
 def _walk_resnet(ops, name, res, x):
+    """diffusers' ``ResnetBlock2D``: the timestep scales and shifts after norm2 (``scale_shift``,
+    the from-scratch U-Net) or is added after conv1 (``default``, Stable Diffusion's)."""
+    default = res.time_embedding_norm == "default" and res.time_emb_proj is not None
     h = ops.silu(ops.norm(f"{name}.norm1", x, res.norm1))
-    h = ops.conv(f"{name}.conv1", h, res.conv1)
-    h = ops.silu(ops.norm(f"{name}.norm2", h, res.norm2, time=res))
+    h = ops.conv(f"{name}.conv1", h, res.conv1, time=res if default else None)
+    h = ops.silu(ops.norm(f"{name}.norm2", h, res.norm2, time=None if default else res))
     h = ops.conv(f"{name}.conv2", h, res.conv2)
     skip = ops.conv(f"{name}.shortcut", x, res.conv_shortcut) if res.conv_shortcut is not None else x
     return ops.add(f"{name}.out", skip, h)
 
 
-def _walk_unet(ops, unet, x):
-    """diffusers' ``UNet2DModel.forward`` as the from-scratch U-Net uses it, op by op, the timestep
-    entering through GroupNorm (its MLP folded into per-step tables)."""
+def _walk_attention(ops, name, attn, x, context):
+    """diffusers' ``Attention`` (self-attention where ``context`` is None): projections, softmax
+    attention per head, output projection. The keys and values of the context are the same at every
+    step (``cached``)."""
+    cross = context is not None
+    kv = context if cross else x
+    q = ops.linear(f"{name}.q", x, attn.to_q)
+    k = ops.linear(f"{name}.k", kv, attn.to_k, cached=cross)
+    v = ops.linear(f"{name}.v", kv, attn.to_v, cached=cross)
+    return ops.linear(f"{name}.out", ops.attention(f"{name}.attn", q, k, v, attn), attn.to_out[0])
+
+
+def _walk_transformer(ops, name, tr, x, context):
+    """diffusers' ``Transformer2DModel`` on a feature map: GroupNorm, projection in (1x1
+    convolution or linear), ``BasicTransformerBlock``s (LayerNorm, self-attention, cross-attention on
+    the hyperprior's tokens, GEGLU feed-forward, each residual), projection out, residual."""
+    h = ops.norm(f"{name}.norm", x, tr.norm)
+    if tr.use_linear_projection:
+        h = ops.linear(f"{name}.proj_in", ops.tokens(h), tr.proj_in)
+    else:
+        h = ops.tokens(ops.conv(f"{name}.proj_in", h, tr.proj_in))
+    for i, block in enumerate(tr.transformer_blocks):
+        b = f"{name}.{i}"
+        h = ops.add(f"{b}.res1", _walk_attention(ops, f"{b}.attn1", block.attn1, ops.layer_norm(f"{b}.norm1", h, block.norm1), None), h)
+        if block.attn2 is not None:
+            a = _walk_attention(ops, f"{b}.attn2", block.attn2, ops.layer_norm(f"{b}.norm2", h, block.norm2), context)
+            h = ops.add(f"{b}.res2", a, h)
+        ff = block.ff.net
+        g = ops.gate(f"{b}.ff.gate", ops.linear(f"{b}.ff.proj", ops.layer_norm(f"{b}.norm3", h, block.norm3), ff[0].proj))
+        h = ops.add(f"{b}.res3", ops.linear(f"{b}.ff.down", g, ff[2]), h)
+    if tr.use_linear_projection:
+        h = ops.image(ops.linear(f"{name}.proj_out", h, tr.proj_out), x)
+    else:
+        h = ops.conv(f"{name}.proj_out", ops.image(h, x), tr.proj_out)
+    return ops.add(f"{name}.out", h, x)
+
+
+def _walk_unet(ops, unet, x, context=None):
+    """diffusers' ``UNet2DModel.forward`` (the from-scratch U-Net) or ``UNet2DConditionModel.forward``
+    (BK-SDM's, with ``context`` the cross-attention tokens), op by op, the timestep entering through
+    GroupNorm's affine or conv1's bias (its MLP folded into per-step tables)."""
     h = ops.conv("unet.conv_in", x, unet.conv_in)
     skips = [h]
     for i, block in enumerate(unet.down_blocks):
-        for j, res in enumerate(block.resnets):
+        attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+        for j, (res, tr) in enumerate(zip(block.resnets, attentions)):
             h = _walk_resnet(ops, f"unet.down{i}.{j}", res, h)
+            if tr is not None:
+                h = _walk_transformer(ops, f"unet.down{i}.attn{j}", tr, h, context)
             skips.append(h)
         if block.downsamplers is not None:
             h = ops.conv(f"unet.down{i}.down", h, block.downsamplers[0].conv)
             skips.append(h)
-    for j, res in enumerate(unet.mid_block.resnets):
-        h = _walk_resnet(ops, f"unet.mid.{j}", res, h)
+    mid = unet.mid_block
+    if mid is not None:
+        h = _walk_resnet(ops, "unet.mid.0", mid.resnets[0], h)
+        for j, (tr, res) in enumerate(zip(mid.attentions, mid.resnets[1:])):
+            if tr is not None:
+                h = _walk_transformer(ops, f"unet.mid.attn{j}", tr, h, context)
+            h = _walk_resnet(ops, f"unet.mid.{j + 1}", res, h)
     for i, block in enumerate(unet.up_blocks):
-        for j, res in enumerate(block.resnets):
+        attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+        for j, (res, tr) in enumerate(zip(block.resnets, attentions)):
             h = _walk_resnet(ops, f"unet.up{i}.{j}", res, ops.cat(f"unet.up{i}.cat{j}", h, skips.pop()))
+            if tr is not None:
+                h = _walk_transformer(ops, f"unet.up{i}.attn{j}", tr, h, context)
         if block.upsamplers is not None:
             h = ops.conv(f"unet.up{i}.up", ops.upsample(h), block.upsamplers[0].conv)
     h = ops.silu(ops.norm("unet.norm_out", h, unet.conv_norm_out))
     return ops.conv("unet.conv_out", h, unet.conv_out)
 
 
-def check_exact_unet(unet: nn.Module) -> None:
-    """``ExactError`` unless ``unet`` is a U-Net the integer walk reproduces (the from-scratch one)."""
-    cfg = unet.config
-    problems = []
-    if not is_scratch_unet(unet):
-        problems.append(f"{type(unet).__name__} (BK-SDM's pretrained U-Net, with attention)")
-    else:
-        if cfg.resnet_time_scale_shift != "scale_shift" or cfg.act_fn != "silu" or cfg.add_attention:
-            problems.append("timestep norm, activation or attention other than the from-scratch U-Net's")
+def _walk_adapter(ops, adapter, cond):
+    """``CrossAttentionAdapter``: the average pooling first (an integer sum and a division), then
+    the 1x1 convolution (the same map: both are linear), then LayerNorm."""
+    h = ops.conv("adapter.proj", ops.pool(cond, adapter.grid), adapter.proj)
+    return ops.layer_norm("adapter.norm", ops.tokens(h), adapter.norm)
+
+
+def check_exact_unet(unet: nn.Module, adapter: nn.Module | None = None) -> None:
+    """``ExactError`` naming what the integer walk does not reproduce, unless ``unet`` (and the
+    cross-attention ``adapter``) are what it walks: diffusers' ``UNet2DModel`` with scale-shift
+    timesteps (the from-scratch U-Net), or ``UNet2DConditionModel`` as Stable Diffusion 1.x / 2.x
+    and BK-SDM build it."""
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    cfg, problems = unet.config, []
+    if isinstance(unet, UNet2DModel):
+        if cfg.resnet_time_scale_shift != "scale_shift" or cfg.add_attention:
+            problems.append("timestep norm or attention other than the from-scratch U-Net's")
         if set(cfg.down_block_types) != {"DownBlock2D"} or set(cfg.up_block_types) != {"UpBlock2D"}:
             problems.append("blocks other than DownBlock2D / UpBlock2D")
-        if cfg.center_input_sample or cfg.time_embedding_type != "positional" or cfg.class_embed_type is not None:
-            problems.append("input centring, Fourier time or class embeddings")
-        if cfg.downsample_padding != 1 or getattr(cfg, "mid_block_scale_factor", 1) != 1:
-            problems.append("downsample padding or output scale factors other than 1")
+        if cfg.time_embedding_type != "positional" or cfg.class_embed_type is not None:
+            problems.append("Fourier time or class embeddings")
+    elif isinstance(unet, UNet2DConditionModel):
+        blocks = {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
+        other = sorted((set(cfg.down_block_types) | set(cfg.up_block_types)) - blocks)
+        if other:
+            problems.append(f"blocks {other}")
+        if cfg.mid_block_type not in (None, "UNetMidBlock2DCrossAttn"):
+            problems.append(f"mid block {cfg.mid_block_type}")
+        if cfg.resnet_time_scale_shift != "default" or cfg.resnet_skip_time_act or cfg.resnet_out_scale_factor != 1:
+            problems.append("a timestep path other than Stable Diffusion's (resnet_time_scale_shift, skip_time_act, out_scale_factor)")
+        extras = ("class_embed_type", "addition_embed_type", "encoder_hid_dim", "time_cond_proj_dim", "timestep_post_act",
+                  "time_embedding_act_fn")  # fmt: skip
+        if cfg.time_embedding_type != "positional" or any(getattr(cfg, k, None) is not None for k in extras):
+            problems.append("class, addition, encoder or extra time embeddings")
+        if getattr(cfg, "dual_cross_attention", False) or getattr(cfg, "only_cross_attention", False) not in (False, None):
+            problems.append("dual or cross-only attention")
+        for name, m in unet.named_modules():
+            kind = type(m).__name__
+            if kind == "Attention" and (m.norm_cross is not None or m.group_norm is not None or m.spatial_norm is not None
+                                        or m.residual_connection or m.rescale_output_factor != 1
+                                        or getattr(m, "norm_q", None) is not None or getattr(m, "norm_k", None) is not None):
+                problems.append(f"{name}: attention with extra normalisations or rescaling")
+            elif kind == "BasicTransformerBlock" and (m.norm_type != "layer_norm" or m.pos_embed is not None
+                                                      or type(m.ff.net[0]).__name__ != "GEGLU"
+                                                      or getattr(m, "_chunk_size", None) is not None):
+                problems.append(f"{name}: a transformer block other than LayerNorm + attention + GEGLU")
+            elif kind == "GEGLU" and getattr(m, "approximate", "none") != "none":
+                problems.append(f"{name}: tanh-approximated GELU")
+            elif kind == "Transformer2DModel" and (not m.is_input_continuous or m.config.norm_type != "layer_norm"):
+                problems.append(f"{name}: a transformer on other than continuous feature maps")
+            elif kind in ("Upsample2D", "Downsample2D") and (m.conv is None or getattr(m, "use_conv_transpose", False)
+                                                             or getattr(m, "norm", None) is not None
+                                                             or (kind == "Downsample2D" and m.padding != 1)):
+                problems.append(f"{name}: a resampler other than nearest x2 + conv / a padded stride-2 conv")
+    else:
+        problems.append(f"{type(unet).__name__} (neither diffusers' UNet2DModel nor UNet2DConditionModel)")
+    if cfg.act_fn != "silu" or cfg.center_input_sample or getattr(cfg, "mid_block_scale_factor", 1) != 1:
+        problems.append("an activation other than SiLU, input centring or a mid-block scale factor")
+    if cfg.downsample_padding != 1:
+        problems.append("downsample padding other than 1")
+    if adapter is not None and type(adapter).__name__ != "CrossAttentionAdapter":
+        problems.append(f"cross-attention tokens from {type(adapter).__name__}")
     if problems:
         raise ExactError("this U-Net has no exact integer form: " + "; ".join(problems))
 
 
 def unet_time_tables(unet: nn.Module, timesteps: torch.Tensor) -> dict:
-    """{id(resnet): (scale, shift)}, (T, C) each: what ``scale_shift`` GroupNorm applies at each
-    of the chain's timesteps (the float model's own computation, run once)."""
+    """{id(resnet): (T, C') time embedding}: what each resnet's timestep projection gives at each
+    of the chain's timesteps (the float model's own computation, run once). ``scale_shift``
+    resnets split it into a scale and a shift; ``default`` ones add it after conv1."""
     with torch.no_grad():
         emb = unet.time_embedding(unet.time_proj(timesteps).to(unet.dtype))
         out = {}
         for res in unet.modules():
             if getattr(res, "time_emb_proj", None) is not None:
-                temb = res.time_emb_proj(res.nonlinearity(emb))
-                out[id(res)] = temb.float().chunk(2, dim=1)
+                out[id(res)] = res.time_emb_proj(res.nonlinearity(emb)).float()
     return out
 
 
-def _integer_conv(x: torch.Tensor, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """A convolution of integer-valued float64 tensors (``layer`` gives stride and padding),
-    exact. A 3x3 stride-1 convolution that narrows the channels is one GEMM of the nine taps
-    followed by shifted additions: no im2col buffer (4-5x faster for the U-Net's input layer)."""
-    B, C, H, W = x.shape
-    O = weight.shape[0]
-    if isinstance(layer, nn.ConvTranspose2d):
-        with _exact_convolutions():
-            return F.conv_transpose2d(x, weight, None, layer.stride, layer.padding, layer.output_padding)
-    if tuple(layer.kernel_size) != (3, 3) or tuple(layer.stride) != (1, 1) or tuple(layer.padding) != (1, 1) or C < 2 * O:
-        with _exact_convolutions():
-            return F.conv2d(x, weight, None, layer.stride, layer.padding)
-    taps = torch.matmul(weight.permute(2, 3, 0, 1).reshape(9 * O, C), x.reshape(B, C, H * W)).view(B, 3, 3, O, H, W)
-    out = taps[:, 1, 1].clone()
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            if dy or dx:
-                out[:, :, max(0, -dy) : H - max(0, dy), max(0, -dx) : W - max(0, dx)] += taps[
-                    :, dy + 1, dx + 1, :, max(0, dy) : H - max(0, -dy), max(0, dx) : W - max(0, -dx)
-                ]
-    return out
+def _table_function(q: torch.Tensor, f: int, table: torch.Tensor, low: int, step_bits: int, above) -> torch.Tensor:
+    """A tabulated function of int64 q at exponent f (table at LOG_BITS from ``low``, step
+    2**-step_bits), interpolated linearly in integers; below the table 0, above it ``above(q)``."""
+    d = f - step_bits
+    pos = q >> d if d >= 0 else q << -d
+    frac = q - (pos << d) if d >= 0 else torch.zeros_like(q)
+    i = pos + (-low << step_bits)
+    last = table.numel() - 1
+    ic = i.clamp(0, last - 1)
+    lo = table[ic]
+    value = _shift(lo + _shift((table[ic + 1] - lo) * frac, max(d, 0)), LOG_BITS - f)
+    return torch.where(i >= last, above(q), torch.where(i < 0, torch.zeros_like(q), value))
+
+
+def _standardize(g: torch.Tensor, f: int, eps: float) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the last dimension of int64 g at exponent f, in integers
+    (an exact integer square root), at NORM_BITS."""
+    n = g.shape[-1]
+    c = g - _div(g.sum(-1, keepdim=True), n)
+    cs = _shift(c, VAR_SHIFT)
+    var = torch.div((cs * cs).sum(-1, keepdim=True), n, rounding_mode="floor")  # at 2 (f - VAR_SHIFT)
+    epsilon = math.ceil(eps * 4.0 ** (f - VAR_SHIFT + NORM_EXTRA_BITS))
+    std = _isqrt((var << 2 * NORM_EXTRA_BITS) + epsilon)  # at f - VAR_SHIFT + NORM_EXTRA_BITS
+    return _div(c << (NORM_BITS - VAR_SHIFT + NORM_EXTRA_BITS), std)
 
 
 class _IntOps:
     """The integer network's operations: values are (q, f), int64 q standing for q * 2**-f."""
 
-    def __init__(self, exact: "ExactPrior", rows: torch.Tensor | None = None, first_acc: torch.Tensor | None = None):
+    def __init__(self, exact: "ExactPrior", rows: torch.Tensor | None = None, first_acc: torch.Tensor | None = None,
+                 cache: dict | None = None):  # fmt: skip
         self.ex = exact
         self.rows = rows  # (B,) the timestep row of each image's per-step tables
         self.first_acc = first_acc  # the U-Net input layer's sums, when ExactPrior.predict made them
+        self.cache = {} if cache is None else cache  # what is the same at every step of one chain
 
-    def conv(self, name, x, layer):
+    def _finish(self, name, acc, p):
+        if p["left"] is not None:
+            acc = acc << p["left"]
+        bias = p["bias_half"]
+        if p.get("time"):  # (T, C, 1, 1): each image's step
+            bias = bias[self.rows]
+        return ((acc + bias) >> p["right"]).clamp(-ACT_MAX, ACT_MAX), p["f_out"]
+
+    def conv(self, name, x, layer, time=None):
         q, f = x
         p = self.ex.convs[name]
         assert f == p["f_in"], f"{name}: input exponent {f}, the tables were built for {p['f_in']}"
@@ -670,39 +915,95 @@ class _IntOps:
             acc = self.first_acc
         else:
             acc = _integer_conv(q.double(), p["weight"], layer).long()
-        if p["left"] is not None:
-            acc = acc << p["left"]
-        return ((acc + p["bias_half"]) >> p["right"]).clamp(-ACT_MAX, ACT_MAX), p["f_out"]
+        return self._finish(name, acc, p)
 
-    def norm(self, name, x, norm, time=None):
+    def linear(self, name, x, layer, cached=False):
+        if cached and name in self.cache:
+            return self.cache[name]
         q, f = x
+        p = self.ex.convs[name]
+        assert f == p["f_in"], f"{name}: input exponent {f}, the tables were built for {p['f_in']}"
+        out = self._finish(name, _matmul(q.double(), p["weight"].double().t()).long(), p)
+        if cached:
+            self.cache[name] = out
+        return out
+
+    def _affine(self, name, xn, channels_last=False):
         t = self.ex.norms[name]
-        B, C, H, W = q.shape
-        g = q.reshape(B, norm.num_groups, -1)
-        n = g.shape[-1]
-        c = g - _div(g.sum(-1, keepdim=True), n)
-        cs = _shift(c, VAR_SHIFT)
-        var = torch.div((cs * cs).sum(-1, keepdim=True), n, rounding_mode="floor")  # at 2 (f - VAR_SHIFT)
-        eps = math.ceil(norm.eps * 4.0 ** (f - VAR_SHIFT + NORM_EXTRA_BITS))
-        std = _isqrt((var << 2 * NORM_EXTRA_BITS) + eps)  # at f - VAR_SHIFT + NORM_EXTRA_BITS
-        xn = _div(c << (NORM_BITS - VAR_SHIFT + NORM_EXTRA_BITS), std).reshape(B, C, H, W)  # at NORM_BITS
-        rows = self.rows if t["scale"].shape[0] > 1 else torch.zeros_like(self.rows)
-        scale, offset = t["scale"][rows][:, :, None, None], t["offset"][rows][:, :, None, None]
+        rows = self.rows if t["scale"].shape[0] > 1 else torch.zeros(1, dtype=torch.long, device=xn.device)
+        shape = (-1, 1, t["scale"].shape[1]) if channels_last else (-1, t["scale"].shape[1], 1, 1)
+        scale, offset = t["scale"][rows].view(shape), t["offset"][rows].view(shape)
         out = _shift(xn * scale, NORM_BITS + t["e_scale"] - t["f_out"]) + offset
         return out.clamp(-ACT_MAX, ACT_MAX), t["f_out"]
 
+    def norm(self, name, x, norm, time=None):
+        q, f = x
+        B, C, H, W = q.shape
+        xn = _standardize(q.reshape(B, norm.num_groups, -1), f, norm.eps).reshape(B, C, H, W)  # at NORM_BITS
+        return self._affine(name, xn)
+
+    def layer_norm(self, name, x, norm):
+        q, f = x
+        return self._affine(name, _standardize(q, f, norm.eps), channels_last=True)
+
+    def attention(self, name, q, k, v, attn):
+        """softmax(q k^T * scale) v per head, in integers (I-BERT's recipe, Kim et al. 2021): exact
+        score products, the row maximum subtracted, exp from a table, an integer sum and division
+        to PROB_BITS probabilities, an exact product with v. Chunks of queries bound the memory."""
+        (q, fq), (k, fk), (v, fv) = q, k, v
+        a = self.ex.attention[name]
+        B, N, C = q.shape
+        L, heads = k.shape[1], attn.heads
+        d = C // heads
+        fs = fq + fk
+        cap = ((EXP_RANGE + 1) << (fs + SCALE_BITS)) // a["scale"] + 1  # score differences beyond: exp = 0
+        kh = k.view(B, L, heads, d).permute(0, 2, 3, 1).double()  # (B, H, d, L)
+        vh = v.view(B, L, heads, d).transpose(1, 2).double()  # (B, H, L, d)
+        qh = q.view(B, N, heads, d).transpose(1, 2)
+        table, last = self.ex.exp_table, self.ex.exp_table.numel() - 1
+        out = torch.empty(B, heads, N, d, dtype=torch.long, device=q.device)
+        chunk = max(1, ATTENTION_CHUNK // (B * heads * L))
+        for s in range(0, N, chunk):
+            scores = _matmul(qh[:, :, s : s + chunk].double(), kh).long()  # at fs, exact
+            z = (scores.amax(-1, keepdim=True) - scores).clamp(max=cap)
+            del scores
+            z = _shift(_shift(z, fs - SCORE_BITS) * a["scale"], SCORE_BITS + SCALE_BITS - EXP_ARG_BITS)  # x >= 0 at EXP_ARG_BITS
+            pos = z >> (EXP_ARG_BITS - EXP_STEP_BITS)
+            frac = z - (pos << (EXP_ARG_BITS - EXP_STEP_BITS))
+            ic = pos.clamp(max=last - 1)
+            lo = table[ic]
+            e = lo + _shift((table[ic + 1] - lo) * frac, EXP_ARG_BITS - EXP_STEP_BITS)
+            e = torch.where(pos >= last, torch.zeros_like(e), e)  # exp(-x) at LOG_BITS, 2**LOG_BITS at the maximum
+            del z, pos, frac, ic, lo
+            p = _div(e << PROB_BITS, e.sum(-1, keepdim=True))
+            acc = _matmul(p.double(), vh).long()  # |partial sums| <= (2**PROB_BITS + L) * ACT_MAX: exact
+            out[:, :, s : s + chunk] = _shift(acc, PROB_BITS + fv - a["f_out"]).clamp(-ACT_MAX, ACT_MAX)
+        return out.transpose(1, 2).reshape(B, N, C), a["f_out"]
+
+    def gate(self, name, x):
+        q, f = x
+        a, b = q.chunk(2, dim=-1)
+        g = _table_function(b, f, self.ex.gelu_table, -GELU_RANGE, GELU_STEP_BITS, lambda v: v)
+        fo = self.ex.exponents[name]
+        return _shift(a * g, 2 * f - fo).clamp(-ACT_MAX, ACT_MAX), fo
+
+    def pool(self, x, grid):
+        q, f = x
+        B, C, H, W = q.shape
+        out = q
+        for dim, size in ((2, H), (3, W)):
+            starts, ends = _adaptive_windows(size, grid)
+            csum = torch.cat([torch.zeros_like(out.narrow(dim, 0, 1)), out.cumsum(dim)], dim)
+            idx = torch.tensor(ends, device=q.device), torch.tensor(starts, device=q.device)
+            out = csum.index_select(dim, idx[0]) - csum.index_select(dim, idx[1])
+        hs, he = _adaptive_windows(H, grid)
+        ws, we = _adaptive_windows(W, grid)
+        counts = torch.tensor([[(e1 - s1) * (e2 - s2) for s2, e2 in zip(ws, we)] for s1, e1 in zip(hs, he)], device=q.device)
+        return _div(out, counts), f
+
     def silu(self, x):
         q, f = x
-        table = self.ex.silu_table
-        d = f - SILU_STEP_BITS
-        pos = q >> d if d >= 0 else q << -d
-        frac = q - (pos << d) if d >= 0 else torch.zeros_like(q)
-        i = pos + (SILU_RANGE << SILU_STEP_BITS)
-        last = table.numel() - 1
-        ic = i.clamp(0, last - 1)
-        lo = table[ic]
-        value = _shift(lo + _shift((table[ic + 1] - lo) * frac, max(d, 0)), LOG_BITS - f)
-        return torch.where(i >= last, q, torch.where(i < 0, torch.zeros_like(q), value)), f
+        return _table_function(q, f, self.ex.silu_table, -SILU_RANGE, SILU_STEP_BITS, lambda v: v), f
 
     def leaky(self, x, slope):
         q, f = x
@@ -723,9 +1024,16 @@ class _IntOps:
     def upsample(self, x):
         return x[0].repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1), x[1]
 
+    def tokens(self, x):
+        return x[0].flatten(2).transpose(1, 2), x[1]
+
+    def image(self, x, like):
+        return x[0].transpose(1, 2).reshape(like[0].shape), x[1]
+
 
 class ExactPrior(nn.Module):
-    """The integer form of h_s and the U-Net, and what the coder needs from them.
+    """The integer form of h_s, the cross-attention adapter and the U-Net, and what the coder needs
+    from them.
 
     Made from the float model and a state: a new one from ``build`` (what ``update()`` does), or a
     checkpoint's (``load_exact_state``). ``state()`` is what a checkpoint stores; the integer
@@ -741,33 +1049,40 @@ class ExactPrior(nn.Module):
         self.exponents: dict[str, int] = dict(state["exponents"])
         self.f_unet_in = self.exponents.get("unet.in")
         self.convs, self.norms = {}, {}
+        self.conv_time = state.get("conv_time", {})  # "default" resnets: conv1's time embedding per step (T, C)
+        self.attention = {k: dict(v) for k, v in state.get("attention", {}).items()}  # the integer score scales
         self.silu_table = _silu_table().to(device)
+        self.gelu_table = _gelu_table().to(device) if self.attention else None
+        self.exp_table = _exp_table().to(device) if self.attention else None
         ln_table, self.ln2 = _ln_table()
         self.ln_table = ln_table.to(device)
         self.thresholds = state["thresholds"].to(device)
         self.log_steps = state.get("log_steps")  # variable rate: (levels, M) at LOG_BITS
-        self._int_convs(model.h_s, _walk_hyper, "hs.in")
+        self._int_convs(lambda ops: _walk_hyper(ops, model.h_s, None), "hs.in")
         self.f_latent = self.convs[next(reversed(self.convs))]["f_out"]  # h_s's last convolution: mu0, sigma0
         self.scale_floor = math.ceil(float(model.gaussian_conditional.lower_bound_scale.bound) * 2**self.f_latent)
         if model.unet is not None and "unet.conv_in" in self.exponents:
-            self._int_convs(model.unet, _walk_unet, "unet.in")
+            if model.adapter is not None:
+                self._int_convs(lambda ops: _walk_adapter(ops, model.adapter, None), "adapter.in")
+            context = self.exponents.get("adapter.norm")
+            self._int_convs(lambda ops: _walk_unet(ops, model.unet, None, context), "unet.in")
             for name, t in state["norms"].items():
                 self.norms[name] = {k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
         self.has_unet = bool(self.norms)
 
     # -- construction --
 
-    def _int_convs(self, root: nn.Module, walk: Callable, first: str) -> None:
-        """Integer weights, biases and output shifts of every convolution ``walk`` meets in
-        ``root``, from the float weights and the exponents (frexp, scaling by powers of two and
-        rounding: exact)."""
+    def _int_convs(self, walk: Callable, first: str) -> None:
+        """Integer weights, biases and output shifts of every convolution and linear layer ``walk``
+        meets, from the float weights and the exponents (frexp, scaling by powers of two and
+        rounding: exact). The weights are integers below 2**15, kept in float32 (exactly)."""
         ops = _ShapeOps(self.exponents, first)
-        walk(ops, root, None)
-        for name, (layer, f_in) in ops.layers.items():
+        walk(ops)
+        for name, (layer, f_in, time) in ops.layers.items():
             w = layer.weight.detach().double()
             out_dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
             per_out = w.transpose(0, out_dim).reshape(w.shape[out_dim], -1)
-            terms = per_out.shape[1] // (layer.stride[0] * layer.stride[1] if out_dim else 1)
+            terms = _sum_terms(layer)
             if ACT_MAX * 2 ** (WEIGHT_BITS - 1) * terms >= EXACT_SUM_LIMIT:
                 raise ExactError(f"{name}: {terms} terms per output could exceed float64's exact integers")
             _, ex = torch.frexp(per_out.abs().amax(1))
@@ -775,33 +1090,46 @@ class ExactPrior(nn.Module):
             e = e.clamp(max=SCALE_EXPONENT_MAX - f_in)
             shape = [1] * w.dim()
             shape[out_dim] = -1
-            weight = torch.round(w * _pow2(e).view(shape))
-            bias = torch.round(layer.bias.detach().double() * _pow2(e + f_in)).long()
+            weight = torch.round(w * _pow2(e).view(shape)).float()
+            bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros(len(e), dtype=torch.float64, device=w.device)
+            if time is not None:  # one bias per step: conv1's bias plus the step's time embedding
+                bias = bias[None] + self.conv_time[name].to(bias.device)
+            bias = torch.round(bias * _pow2(e + f_in)).long()
             f_out = self.exponents[name]
             shift = e + f_in - f_out  # per output channel; out = round((acc + bias) * 2**-shift)
             left, right = (-shift).clamp(min=0), shift.clamp(min=0)
             half = (1 << right) >> 1
+            tail = (None,) * (0 if isinstance(layer, nn.Linear) else 2)  # (O, 1, 1) for maps, (O,) for tokens
             self.convs[name] = {
-                "weight": weight, "bias_half": ((bias << left) + half)[:, None, None], "right": right[:, None, None],
-                "left": left[:, None, None] if bool(left.any()) else None, "f_in": f_in, "f_out": f_out,
+                "weight": weight, "bias_half": ((bias << left) + half)[(..., *tail)], "right": right[(..., *tail)],
+                "left": left[(..., *tail)] if bool(left.any()) else None, "f_in": f_in, "f_out": f_out, "time": time is not None,
             }  # fmt: skip
 
     @staticmethod
     def build(model: "DiffusionHyperprior", maxima: dict[str, float] | None) -> dict:
         """The state of a new exact form: exponents (from calibration maxima, else the default),
-        the per-step GroupNorm tables (the timestep MLP folded in) and the scale thresholds."""
+        the per-step tables (the timestep MLP folded into GroupNorm's affine or conv1's bias), the
+        normalisations' integer affines, the attention scales and the scale thresholds."""
         names = _ShapeOps.point_names(model)
         exponents = {n: _exponent_for(maxima[n]) if maxima and n in maxima else DEFAULT_EXPONENT for n in names}
-        norms = {}
+        norms, conv_time, attention = {}, {}, {}
         if model.unet is not None and "unet.conv_in" in exponents:
-            check_exact_unet(model.unet)
+            check_exact_unet(model.unet, model.adapter)
             times = unet_time_tables(model.unet, model.step_timesteps.to(model.unet.device))
-            norm_layers = _ShapeOps(exponents, "unet.in")
-            _walk_unet(norm_layers, model.unet, None)
-            for name, (norm, time) in norm_layers.norm_layers.items():
-                gamma, beta = norm.weight.detach().double()[None], norm.bias.detach().double()[None]
+            walked = _ShapeOps(exponents, "unet.in")
+            norm_layers = {}
+            if model.adapter is not None:
+                adapter = _ShapeOps(exponents, "adapter.in")
+                _walk_adapter(adapter, model.adapter, None)
+                norm_layers |= adapter.norm_layers
+            _walk_unet(walked, model.unet, None, exponents.get("adapter.norm"))
+            norm_layers |= walked.norm_layers
+            for name, (norm, time) in norm_layers.items():
+                C = norm.num_channels if isinstance(norm, nn.GroupNorm) else norm.normalized_shape[-1]
+                gamma = torch.ones(1, C, dtype=torch.float64) if norm.weight is None else norm.weight.detach().double().cpu()[None]
+                beta = torch.zeros(1, C, dtype=torch.float64) if norm.bias is None else norm.bias.detach().double().cpu()[None]
                 if time is not None:
-                    scale, shift = (t.double() for t in times[id(time)])
+                    scale, shift = times[id(time)].double().cpu().chunk(2, dim=1)
                     gamma, beta = gamma * (1 + scale), beta * (1 + scale) + shift
                 _, ex = torch.frexp(gamma.abs().max())
                 e_scale = WEIGHT_BITS - 1 - int(ex)
@@ -811,9 +1139,17 @@ class ExactPrior(nn.Module):
                     "e_scale": e_scale,
                     "f_out": exponents[name],
                 }
+            conv_time = {name: times[id(time)].double().cpu() for name, (_, _, time) in walked.layers.items() if time is not None}
+            for name, attn in walked.attentions.items():
+                width = attn.to_q.out_features // attn.heads
+                if width * ACT_MAX**2 >= EXACT_SUM_LIMIT or (2**PROB_BITS + MAX_TOKENS) * ACT_MAX >= EXACT_SUM_LIMIT:
+                    raise ExactError(f"{name}: heads {width} wide could exceed float64's exact integers")
+                attention[name] = {"scale": round(attn.scale * 2**SCALE_BITS), "f_out": exponents[name]}
         table = model.gaussian_conditional.scale_table.double()
         thresholds = torch.floor(table[:-1].log() * 2**LOG_BITS).long()
         state = {"exponents": exponents, "norms": norms, "thresholds": thresholds}
+        state |= {"conv_time": conv_time} if conv_time else {}
+        state |= {"attention": attention} if attention else {}
         if model.log_steps is not None:
             state["log_steps"] = torch.round(model.log_steps.detach().double().cpu() * 2**LOG_BITS).long()
         return state
@@ -821,6 +1157,8 @@ class ExactPrior(nn.Module):
     def state(self) -> dict:
         state = {"exponents": dict(self.exponents), "norms": {k: dict(v) for k, v in self.norms.items()},
                  "thresholds": self.thresholds}  # fmt: skip
+        state |= {"conv_time": dict(self.conv_time)} if self.conv_time else {}
+        state |= {"attention": {k: dict(v) for k, v in self.attention.items()}} if self.attention else {}
         return state | ({"log_steps": self.log_steps} if self.log_steps is not None else {})
 
     def _apply(self, fn, recurse=True):
@@ -828,9 +1166,10 @@ class ExactPrior(nn.Module):
         on the model leaves the exact form exact)."""
 
         def move(t):
-            return fn(t).to(t.dtype)
+            return None if t is None else fn(t).to(t.dtype)
 
         self.silu_table, self.ln_table, self.thresholds = move(self.silu_table), move(self.ln_table), move(self.thresholds)
+        self.gelu_table, self.exp_table = move(self.gelu_table), move(self.exp_table)
         if self.log_steps is not None:
             self.log_steps = move(self.log_steps)
         for table in (*self.convs.values(), *self.norms.values()):
@@ -882,13 +1221,14 @@ class ExactPrior(nn.Module):
         """Scale-table index of each log-scale: the number of thresholds below it."""
         return torch.searchsorted(self.thresholds, log_scale.contiguous(), right=False)
 
-    def predict(self, unet, state, known, rows, mu0, sigma0, log_sigma0, cache: dict | None = None):
+    def predict(self, unet, adapter, state, known, rows, mu0, sigma0, log_sigma0, cache: dict | None = None):
         """One U-Net pass on the partly revealed latent (int64 at f_latent; ``rows`` (B,) the step
         of each image) -> (means at f_latent, log-scales at LOG_BITS, mean shift a at f_latent).
 
         The input layer's sums are split, exactly (integer sums): the hyperprior's half of the
-        input is the same at every step (kept in ``cache``), and channels with nothing revealed
-        contribute zero, so only the revealed channels are convolved."""
+        input is the same at every step (kept in ``cache``, with the adapter's cross-attention
+        tokens and their keys and values), and channels with nothing revealed contribute zero, so
+        only the revealed channels are convolved."""
         f, fi = self.f_latent, self.f_unet_in
         M = state.shape[1]
         weight, layer = self.convs["unet.conv_in"]["weight"], unet.conv_in
@@ -896,38 +1236,56 @@ class ExactPrior(nn.Module):
         if "hyperprior" not in cache:
             prior = torch.cat([_shift(mu0, f - fi), _shift(log_sigma0, LOG_BITS - fi)], dim=1).clamp(-ACT_MAX, ACT_MAX)
             cache["hyperprior"] = _integer_conv(prior.double(), weight[:, 2 * M :], layer).long()
+        if adapter is not None and "context" not in cache:
+            fa = self.exponents["adapter.in"]
+            cond = torch.cat([_shift(mu0, f - fa), _shift(log_sigma0, LOG_BITS - fa)], dim=1).clamp(-ACT_MAX, ACT_MAX)
+            cache["context"] = _walk_adapter(_IntOps(self), adapter, (cond, fa))
         acc = cache["hyperprior"]
         active = known.flatten(2).any(2).any(0).nonzero().flatten()  # channels with something revealed
         if len(active):
             innovation = torch.where(known, _div((state - mu0) << fi, sigma0), torch.zeros_like(state))
-            x = torch.cat([innovation[:, active].clamp(-ACT_MAX, ACT_MAX), known[:, active].long() << fi], dim=1)
+            x = torch.cat([innovation[:, active], known[:, active].long() << fi], dim=1).clamp(-ACT_MAX, ACT_MAX)
             acc = acc + _integer_conv(x.double(), weight[:, torch.cat([active, active + M])], layer).long()
-        out, fo = _walk_unet(_IntOps(self, rows, first_acc=acc), unet, (None, fi))
+        ops = _IntOps(self, rows, first_acc=acc, cache=cache)
+        out, fo = _walk_unet(ops, unet, (None, fi), cache.get("context"))
         shift, log_factor = out.chunk(2, dim=1)
         means = (mu0 + _shift(sigma0 * shift, fo)).clamp(-ACT_MAX, ACT_MAX)
         return means, log_sigma0 + _shift(log_factor, fo - LOG_BITS), _shift(shift, fo - f)
 
 
 class _ShapeOps:
-    """A walk that runs nothing: it lists the points in order (``names``), finds each
-    convolution's input exponent and collects the layers (``ExactPrior`` builds its integer tables
-    from it). With no exponents yet, every point reads as exponent 0."""
+    """A walk that runs nothing: it lists the points in order (``names``), finds each layer's
+    input exponent and collects the layers, normalisations and attentions (``ExactPrior`` builds
+    its integer tables from it). With no exponents yet, every point reads as exponent 0."""
 
     def __init__(self, exponents: dict | None, first: str):
         self.exponents = collections.defaultdict(int) if exponents is None else exponents
         self.first, self.names = first, []
-        self.layers, self.norm_layers = {}, {}
+        self.layers, self.norm_layers, self.attentions = {}, {}, {}
 
     def _point(self, name):
         self.names.append(name)
         return self.exponents[name]
 
-    def conv(self, name, x, layer):
-        self.layers[name] = (layer, self.exponents[self.first] if x is None else x)
+    def conv(self, name, x, layer, time=None):
+        self.layers[name] = (layer, self.exponents[self.first] if x is None else x, time)
         return self._point(name)
+
+    def linear(self, name, x, layer, cached=False):
+        return self.conv(name, x, layer)
 
     def norm(self, name, x, norm, time=None):
         self.norm_layers[name] = (norm, time)
+        return self._point(name)
+
+    def layer_norm(self, name, x, norm):
+        return self.norm(name, x, norm)
+
+    def attention(self, name, q, k, v, attn):
+        self.attentions[name] = attn
+        return self._point(name)
+
+    def gate(self, name, x):
         return self._point(name)
 
     def add(self, name, a, b):
@@ -941,17 +1299,29 @@ class _ShapeOps:
     def leaky(self, x, slope):
         return x
 
-    upsample = silu
+    upsample = tokens = silu
+
+    def pool(self, x, grid):
+        return x
+
+    def image(self, x, like):
+        return x
 
     @staticmethod
     def point_names(model) -> list[str]:
-        """Every point that gets an exponent: h_s's input and convolutions, then the U-Net's."""
+        """Every point that gets an exponent: h_s's input and layers, then the adapter's, then the U-Net's."""
         ops = _ShapeOps(None, "hs.in")
         _walk_hyper(ops, model.h_s, None)
         names = ["hs.in", *ops.names]
-        if is_scratch_unet(model.unet):
+        if model.unet is not None:
+            context = None
+            if model.adapter is not None:
+                ops = _ShapeOps(None, "adapter.in")
+                _walk_adapter(ops, model.adapter, None)
+                names += ["adapter.in", *ops.names]
+                context = 0
             ops = _ShapeOps(None, "unet.in")
-            _walk_unet(ops, model.unet, None)
+            _walk_unet(ops, model.unet, None, context)
             names += ["unet.in", *ops.names]
         return names
 
@@ -967,17 +1337,29 @@ class _RecordingHyper(nn.Module):
         return _walk_hyper(self.ops, self.inner, self.ops.input("hs.in", z_hat)).float()
 
 
+class _RecordingAdapter(nn.Module):
+    """The cross-attention adapter run through ``_FloatOps`` (calibration)."""
+
+    def __init__(self, adapter: nn.Module, ops: _FloatOps):
+        super().__init__()
+        self.inner, self.ops = adapter, ops
+
+    def forward(self, cond):
+        return _walk_adapter(self.ops, self.inner, self.ops.input("adapter.in", cond))
+
+
 class _RecordingUNet(nn.Module):
-    """The from-scratch U-Net run through ``_FloatOps`` (calibration); returns what diffusers' does."""
+    """The U-Net run through ``_FloatOps`` (calibration); returns what diffusers' does."""
 
     def __init__(self, unet: nn.Module, ops: _FloatOps):
         super().__init__()
         self.inner, self.ops = unet, ops
         self.config = unet.config
 
-    def forward(self, x, t, **kwargs):
+    def forward(self, x, t, encoder_hidden_states=None, **kwargs):
         self.ops.temb = unet_time_tables(self.inner, t)
-        return SimpleNamespace(sample=_walk_unet(self.ops, self.inner, self.ops.input("unet.in", x)).float())
+        context = None if encoder_hidden_states is None else encoder_hidden_states.double()
+        return SimpleNamespace(sample=_walk_unet(self.ops, self.inner, self.ops.input("unet.in", x), context).float())
 
 
 def _pack_tables(coder: nn.Module) -> dict:
@@ -1335,8 +1717,8 @@ class DiffusionHyperprior(CompressionModel):
         B, M, h, w = mu0.shape
         residual = self.config.mode == "residual"
         if self.inference_steps and not ex.has_unet:
-            raise ExactError("this model's U-Net (BK-SDM's pretrained one) has no exact integer form: "
-                             "code with 0 diffusion steps (--diffusion_steps 0)")  # fmt: skip
+            raise ExactError("this checkpoint's exact form has no U-Net (it was made before BK-SDM's U-Net had one): "
+                             f"convert it ({CONVERT_HINT}), or code with 0 diffusion steps (--diffusion_steps 0)")
         groups = self.reveal_groups(h, w, mu0.device)
         step, log_step = (t[:, None, None].expand(M, h, w) for t in ex.steps(quality_code, M))
         state, cache = mu0.clone(), {}
@@ -1346,7 +1728,7 @@ class DiffusionHyperprior(CompressionModel):
             if self.inference_steps:
                 rows = torch.full((B,), k, device=mu0.device)
                 known = (groups < k).expand(B, M, h, w)
-                means, log_scales, _ = ex.predict(self.unet, state, known, rows, mu0, sigma0, log_sigma0, cache)
+                means, log_scales, _ = ex.predict(self.unet, self.adapter, state, known, rows, mu0, sigma0, log_sigma0, cache)
             if residual:
                 indexes = ex.indexes(log_scales[:, selected] - log_step[selected])
                 symbols = code_group(k, selected, means[:, selected], indexes, step[selected])
@@ -1356,7 +1738,7 @@ class DiffusionHyperprior(CompressionModel):
         if self.inference_steps and residual and self.latent_denoise:
             rows = torch.full((B,), self.inference_steps, device=mu0.device)
             everything = torch.ones_like(state, dtype=torch.bool)
-            state = state + ex.predict(self.unet, state, everything, rows, mu0, sigma0, log_sigma0, cache)[2]
+            state = state + ex.predict(self.unet, self.adapter, state, everything, rows, mu0, sigma0, log_sigma0, cache)[2]
         return state
 
     def synthesize(self, y_hat: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -1422,19 +1804,21 @@ class DiffusionHyperprior(CompressionModel):
         ``images`` ((3, H, W) or (B, 3, H, W) training crops, never evaluation images) through the
         integer network's own sequence of operations, each point's largest magnitude recorded.
         Kept in ``calibration``; ``update()`` then chooses the exponents from it."""
-        ops, h_s, unet, was_training = _FloatOps(), self.h_s, self.unet, self.training
+        ops, h_s, unet, adapter, was_training = _FloatOps(), self.h_s, self.unet, self.adapter, self.training
         device = h_s[0].weight.device
         self.eval()
         try:
             self.h_s = _RecordingHyper(h_s, ops)
-            if is_scratch_unet(unet):
+            if unet is not None:
                 self.unet = _RecordingUNet(unet, ops)
+            if adapter is not None:
+                self.adapter = _RecordingAdapter(adapter, ops)
             qualities = range(1, self.config.rate_levels + 1) if self.config.rate_levels else [None]
             for x in images:  # a variable-rate model's ranges: over every trained level
                 for quality in qualities:
                     self((x[None] if x.dim() == 3 else x).to(device), quality)
         finally:
-            self.h_s, self.unet = h_s, unet
+            self.h_s, self.unet, self.adapter = h_s, unet, adapter
             self.train(was_training)
         self.calibration = ops.maxima
         return ops.maxima
