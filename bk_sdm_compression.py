@@ -427,13 +427,11 @@ HEADROOM = 4  # calibration: the largest value seen uses a quarter of the range
 DEFAULT_EXPONENT = 12  # an uncalibrated point holds [-128, 128) in steps of 2**-12
 QUALITY_FRACTION_BITS = 8  # variable rate: a file records its quality q as round((q - 1) * 2**8)
 GELU_RANGE, GELU_STEP_BITS = 8, 7  # GELU table over [-8, 8], step 2**-7, interpolated linearly
-EXP_RANGE, EXP_STEP_BITS = 24, 8  # softmax: exp(-x) over [0, 24], step 2**-8 (beyond: 0)
-EXP_ARG_BITS = 16  # softmax: fraction bits of the exp argument
-SCORE_BITS = 20  # softmax: fraction bits of the (clamped) score differences before scaling
+EXP_RANGE, EXP_STEP_BITS = 25, 13  # softmax: exp(-x) over [0, 25], step 2**-13, nearest entry (beyond: 0)
+SCORE_BITS = 20  # softmax: fraction bits kept of a score difference before it is scaled
 SCALE_BITS = 24  # attention: fraction bits of the integer score scale (1 / sqrt(head width))
-PROB_BITS = 30  # attention: probabilities in fixed point, a row summing to about 2**30
+WEIGHT_SUM_BITS = 32  # attention: a row's exp weights are shifted down until they sum below 2**32
 ATTENTION_CHUNK = 2**22  # attention: score elements per chunk of queries (memory stays bounded)
-MAX_TOKENS = 2**30  # attention: the most keys a product may sum over (far above any image's)
 
 
 def _decimal_table(fn, xs) -> torch.Tensor:
@@ -500,11 +498,20 @@ def _gelu_table() -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _exp_table() -> torch.Tensor:
-    """exp(-x) over [0, EXP_RANGE], step 2**-EXP_STEP_BITS (softmax)."""
-    from decimal import Decimal
+    """round(exp(-i 2**-EXP_STEP_BITS) * 2**LOG_BITS), i = 0 .. EXP_RANGE 2**EXP_STEP_BITS, as float64
+    (integers): powers of exp(-2**-EXP_STEP_BITS) (from ``decimal``) in 128-bit fixed point, Python
+    integers only (the accumulated error stays below 2**-100, far under the rounding)."""
+    from decimal import Decimal, localcontext
 
-    xs = [Decimal(i) / 2**EXP_STEP_BITS for i in range(EXP_RANGE * 2**EXP_STEP_BITS + 1)]
-    return _decimal_table(lambda x: (-x).exp(), xs)
+    bits = 128
+    with localcontext() as ctx:
+        ctx.prec = 60
+        ratio = int((Decimal(-1) / 2**EXP_STEP_BITS).exp() * 2**bits)
+    v, half, values = 1 << bits, 1 << (bits - LOG_BITS - 1), []
+    for _ in range(EXP_RANGE * 2**EXP_STEP_BITS + 1):
+        values.append((v + half) >> (bits - LOG_BITS))
+        v = (v * ratio + (1 << (bits - 1))) >> bits
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def _shift(q: torch.Tensor, s) -> torch.Tensor:
@@ -519,6 +526,15 @@ def _shift(q: torch.Tensor, s) -> torch.Tensor:
 def _div(a: torch.Tensor, b) -> torch.Tensor:
     """a / b rounded (half up), integers, b > 0."""
     return torch.div(2 * a + b, 2 * b, rounding_mode="floor")
+
+
+def _div_scaled(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """a * 2**k / b rounded (half up), integers, b > 0 and below 2**40, without forming a * 2**k:
+    the quotient and the remainder are scaled apart."""
+    if k <= 0:
+        return _div(a, b << -k)
+    quotient = torch.div(a, b, rounding_mode="floor")
+    return (quotient << k) + _div((a - quotient * b) << k, b)
 
 
 def _isqrt(v: torch.Tensor) -> torch.Tensor:
@@ -947,37 +963,45 @@ class _IntOps:
         return self._affine(name, _standardize(q, f, norm.eps), channels_last=True)
 
     def attention(self, name, q, k, v, attn):
-        """softmax(q k^T * scale) v per head, in integers (I-BERT's recipe, Kim et al. 2021): exact
-        score products, the row maximum subtracted, exp from a table, an integer sum and division
-        to PROB_BITS probabilities, an exact product with v. Chunks of queries bound the memory."""
+        """softmax(q k^T * scale) v per head in integer arithmetic (I-BERT's recipe, Kim et al. 2021),
+        carried out on integer-valued float64 whose every value stays below 2**53 (exact, and
+        vectorised where int64 is not): exact score products, the row maximum subtracted, the
+        difference scaled by the integer scale and rounded to the exp table's step, exp looked up,
+        the weights shifted down per row until they sum below 2**WEIGHT_SUM_BITS, an exact product
+        with v, and one integer division per output by the row's sum. Chunks of queries bound the
+        memory."""
         (q, fq), (k, fk), (v, fv) = q, k, v
         a = self.ex.attention[name]
         B, N, C = q.shape
         L, heads = k.shape[1], attn.heads
         d = C // heads
-        fs = fq + fk
-        cap = ((EXP_RANGE + 1) << (fs + SCALE_BITS)) // a["scale"] + 1  # score differences beyond: exp = 0
+        fs, scale = fq + fk, a["scale"]
+        shift = max(0, fs - SCORE_BITS)  # the score differences keep fs - shift fraction bits
+        cap = float(((EXP_RANGE << (fs + SCALE_BITS)) // scale) >> shift << shift)  # beyond: exp = 0
+        to_index = math.ldexp(1.0, -(fs - shift + SCALE_BITS - EXP_STEP_BITS))  # powers of two: exact
+        table = self.ex.exp_table
+        last = float(table.numel() - 1)
         kh = k.view(B, L, heads, d).permute(0, 2, 3, 1).double()  # (B, H, d, L)
         vh = v.view(B, L, heads, d).transpose(1, 2).double()  # (B, H, L, d)
         qh = q.view(B, N, heads, d).transpose(1, 2)
-        table, last = self.ex.exp_table, self.ex.exp_table.numel() - 1
         out = torch.empty(B, heads, N, d, dtype=torch.long, device=q.device)
         chunk = max(1, ATTENTION_CHUNK // (B * heads * L))
         for s in range(0, N, chunk):
-            scores = _matmul(qh[:, :, s : s + chunk].double(), kh).long()  # at fs, exact
-            z = (scores.amax(-1, keepdim=True) - scores).clamp(max=cap)
-            del scores
-            z = _shift(_shift(z, fs - SCORE_BITS) * a["scale"], SCORE_BITS + SCALE_BITS - EXP_ARG_BITS)  # x >= 0 at EXP_ARG_BITS
-            pos = z >> (EXP_ARG_BITS - EXP_STEP_BITS)
-            frac = z - (pos << (EXP_ARG_BITS - EXP_STEP_BITS))
-            ic = pos.clamp(max=last - 1)
-            lo = table[ic]
-            e = lo + _shift((table[ic + 1] - lo) * frac, EXP_ARG_BITS - EXP_STEP_BITS)
-            e = torch.where(pos >= last, torch.zeros_like(e), e)  # exp(-x) at LOG_BITS, 2**LOG_BITS at the maximum
-            del z, pos, frac, ic, lo
-            p = _div(e << PROB_BITS, e.sum(-1, keepdim=True))
-            acc = _matmul(p.double(), vh).long()  # |partial sums| <= (2**PROB_BITS + L) * ACT_MAX: exact
-            out[:, :, s : s + chunk] = _shift(acc, PROB_BITS + fv - a["f_out"]).clamp(-ACT_MAX, ACT_MAX)
+            z = _matmul(qh[:, :, s : s + chunk].double(), kh)  # scores at fs, exact
+            torch.sub(z.amax(-1, keepdim=True), z, out=z)  # >= 0, below 2**53
+            z.clamp_(max=cap).mul_(math.ldexp(1.0, -shift)).floor_().mul_(scale)  # an integer below EXP_RANGE 2**(fs - shift + SCALE_BITS + 1)
+            z.mul_(to_index).add_(0.5).floor_().clamp_(max=last)  # the table entry: x rounded to 2**-EXP_STEP_BITS
+            e = table[z.long()]
+            del z
+            total = e.sum(-1, keepdim=True)  # exact: below 2**(LOG_BITS + 1) L
+            _, exponent = torch.frexp(total)
+            down = (exponent.long() - WEIGHT_SUM_BITS).clamp_(min=0)
+            if bool((down > 0).any()):
+                e.mul_(_pow2(-down)).add_(0.5).floor_()  # exact: powers of two, below 2**53
+                total = e.sum(-1, keepdim=True)
+            acc = _matmul(e, vh).long()  # |partial sums| <= 2**WEIGHT_SUM_BITS ACT_MAX: exact
+            out[:, :, s : s + chunk] = _div_scaled(acc, total.long(), a["f_out"] - fv).clamp(-ACT_MAX, ACT_MAX)
+            del e, acc
         return out.transpose(1, 2).reshape(B, N, C), a["f_out"]
 
     def gate(self, name, x):
@@ -1142,7 +1166,7 @@ class ExactPrior(nn.Module):
             conv_time = {name: times[id(time)].double().cpu() for name, (_, _, time) in walked.layers.items() if time is not None}
             for name, attn in walked.attentions.items():
                 width = attn.to_q.out_features // attn.heads
-                if width * ACT_MAX**2 >= EXACT_SUM_LIMIT or (2**PROB_BITS + MAX_TOKENS) * ACT_MAX >= EXACT_SUM_LIMIT:
+                if width * ACT_MAX**2 >= EXACT_SUM_LIMIT or 2**WEIGHT_SUM_BITS * ACT_MAX >= EXACT_SUM_LIMIT:
                     raise ExactError(f"{name}: heads {width} wide could exceed float64's exact integers")
                 attention[name] = {"scale": round(attn.scale * 2**SCALE_BITS), "f_out": exponents[name]}
         table = model.gaussian_conditional.scale_table.double()
@@ -1774,10 +1798,17 @@ class DiffusionHyperprior(CompressionModel):
                 "z_digests": [hyper_digest(z_hat[b]) for b in range(len(z_hat))]}  # fmt: skip
 
     @torch.no_grad()
-    def decompress(self, strings: list, shape: tuple[int, int], quality: float | None = None, z_digests: list | None = None) -> dict:
-        """-> {"x_hat", "y_hat", "digests"} (compare the digests with the encoder's). A
-        variable-rate model takes the encoder's ``quality``; given the encoder's ``z_digests``, a
-        hyper-latent that differs stops decoding (``BitstreamError``) before the reverse chain."""
+    def decompress(self, strings: list, shape: tuple[int, int], quality: float | None = None, z_digests: list | None = None,
+                   digests: list | None = None) -> dict:  # fmt: skip
+        """-> {"x_hat", "y_hat", "digests"}. Pass the encoder's ``digests`` and ``z_digests`` (what
+        ``compress`` returns; a file's header carries them): a hyper-latent that differs stops
+        decoding before the reverse chain, and a latent that differs (another machine computed other
+        entropy parameters, or the strings are damaged) raises ``BitstreamError`` instead of
+        returning a picture. Without them nothing is checked (a warning says so). A variable-rate
+        model takes the encoder's ``quality``."""
+        if digests is None:
+            warnings.warn("decompress() without the encoder's digests cannot check the decoded latent: pass "
+                          "digests=... (and z_digests=...) from compress()", stacklevel=2)  # fmt: skip
         quality_code = self.quality_code(quality)
         height, width = shape
         if len(strings) != self.num_strings:
@@ -1794,9 +1825,14 @@ class DiffusionHyperprior(CompressionModel):
             return torch.stack([gc.decode_symbols(s, i) for s, i in zip(strings[k], indexes)])
 
         y_q = self._exact_chain(z_hat, decode, quality_code)
+        reached = [latent_digest(y_q[b], z_hat[b]) for b in range(len(y_q))]
+        if digests is not None and reached != list(digests):
+            raise BitstreamError(
+                "the decoded latent differs from the encoder's (latent checksum mismatch): this decoder computed other "
+                "entropy parameters than the encoder, or the file is damaged; no image was written"
+            )
         y_hat = self._latent(y_q)
-        x_hat = self.synthesize(y_hat, height, width)
-        return {"x_hat": x_hat, "y_hat": y_hat, "digests": [latent_digest(y_q[b], z_hat[b]) for b in range(len(y_q))]}
+        return {"x_hat": self.synthesize(y_hat, height, width), "y_hat": y_hat, "digests": reached}
 
     @torch.no_grad()
     def calibrate(self, images: Iterable[torch.Tensor]) -> dict[str, float]:
@@ -2046,6 +2082,22 @@ def create_diffusion_hyperprior_model(N: int = 128, M: int = 128, diffusion_step
     return create_bk_sdm_compression_model(None, N=N, M=M, diffusion_steps=diffusion_steps, **kwargs)
 
 
+def save_random_bk_sdm(folder: str | Path, vae: dict | None = None, unet: dict | None = None, seed: int = 0) -> Path:
+    """A diffusers folder laid out like nota-ai/bk-sdm-small (``vae/``, ``unet/``, ``scheduler/``)
+    with random weights, for trying the pretrained path where no hub is reachable (tests,
+    benchmarks). ``vae`` and ``unet`` are the diffusers configurations (``AutoencoderKL``,
+    ``UNet2DConditionModel``); BK-SDM's published U-Net configuration gives its real size."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    AutoencoderKL(**(vae or {})).save_pretrained(folder / "vae")
+    UNet2DConditionModel(**(unet or {})).save_pretrained(folder / "unet")
+    PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1).save_pretrained(folder / "scheduler")  # fmt: skip
+    return folder
+
+
 def slim_checkpoint(ckpt: dict, half: bool = True) -> dict:
     """A codec checkpoint to ship: architecture, config and weights only (no optimizer state, no
     entropy tables: ``load_codec`` derives them). With ``half``, a float tensor is stored in fp16
@@ -2289,12 +2341,7 @@ def decode_image(
             f"this checkpoint is {'variable-rate (qualities 1 to %d)' % levels if levels else 'fixed-rate'}"
         )
     z_digests = None if header.z_digest is None else [header.z_digest]
-    out = model.decompress([[s] for s in strings], (header.height, header.width), header.quality, z_digests)
-    if out["digests"][0] != header.digest:
-        raise BitstreamError(
-            "the decoded latent differs from the encoder's (latent checksum mismatch): this decoder computed other "
-            "entropy parameters than the encoder, or the file is damaged; no image was written"
-        )
+    out = model.decompress([[s] for s in strings], (header.height, header.width), header.quality, z_digests, [header.digest])
     return out["x_hat"][0]
 
 

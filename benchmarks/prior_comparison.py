@@ -330,7 +330,7 @@ class Coder:
     def decodes_to(self, out: dict, y_hat: torch.Tensor) -> bool:
         """The latent decoded from ``out``'s bytes is the encoder's ``y_hat``."""
         if self.is_codec:
-            decoded = self.model.decompress(out["strings"], out["shape"])["y_hat"]
+            decoded = self.model.decompress(out["strings"], out["shape"], digests=out["digests"])["y_hat"]
         else:
             decoded = self.model.latent_codec.decompress(out["strings"], out["shape"])["y_hat"]
         return torch.equal(decoded, y_hat)

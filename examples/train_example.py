@@ -69,7 +69,7 @@ def main(argv):
     x = lic_common.load_image(files[0])[None]
     with torch.no_grad():
         enc = model.compress(x)
-        x_hat = model.decompress(enc["strings"], enc["shape"])["x_hat"]
+        x_hat = model.decompress(enc["strings"], enc["shape"], digests=enc["digests"])["x_hat"]  # checks the latent
     bpp = 8 * sum(len(s[0]) for s in enc["strings"]) / (x.shape[-2] * x.shape[-1])
     psnr = lic_common.psnr(x, x_hat)
     print(f"{files[0].name}: {bpp:.3f} bpp (real bytes), PSNR {psnr:.2f} dB")

@@ -32,47 +32,26 @@ def _cpu_unless_marked_cuda(request, monkeypatch):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
+TINY_UNET = dict(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=24, layers_per_block=1,
+                 attention_head_dim=4)  # fmt: skip
+
+
+def make_bk_sdm(root: Path, **unet) -> Path:
+    """A diffusers folder shaped like nota-ai/bk-sdm-small (vae/, unet/, scheduler/), tiny and random,
+    with sizes unlike BK-SDM's (3 latent channels) so nothing may assume them; ``unet`` overrides
+    the U-Net's configuration (``TINY_UNET``)."""
+    import bk_sdm_compression as bk
+
+    vae = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+               latent_channels=3, norm_num_groups=8, sample_size=32, scaling_factor=0.5)  # fmt: skip
+    return bk.save_random_bk_sdm(root, vae, dict(sample_size=8, in_channels=3, out_channels=3, norm_num_groups=8, **(TINY_UNET | unet)))
+
+
 @pytest.fixture(scope="session")
 def tiny_bk_sdm(tmp_path_factory) -> Path:
-    """A diffusers folder shaped like nota-ai/bk-sdm-small (vae/, unet/, scheduler/), tiny and random,
-    with sizes unlike BK-SDM's (3 latent channels, cross-attention width 24) so nothing may assume them."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-
-    root = tmp_path_factory.mktemp("tiny-bk-sdm")
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        latent_channels=3,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=0.5,
-    ).save_pretrained(root / "vae")
-    UNet2DConditionModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24,
-        layers_per_block=1,
-        norm_num_groups=8,
-        attention_head_dim=4,
-    ).save_pretrained(root / "unet")
-    PNDMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    ).save_pretrained(root / "scheduler")
-    return root
+    """``make_bk_sdm``'s default: cross-attention width 24, 4 heads, convolutional projections."""
+    return make_bk_sdm(tmp_path_factory.mktemp("tiny-bk-sdm"))
 
 
 def write_image(path: Path, size=(40, 56), mode="RGB", seed=0) -> Path:

@@ -301,25 +301,25 @@ def test_decompress_reaches_the_encoders_latent(mode, steps):
     with torch.no_grad():
         out = model(x)
         enc = model.compress(x)
-        dec = model.decompress(enc["strings"], enc["shape"])
+        dec = model.decompress(enc["strings"], enc["shape"], digests=enc["digests"])
     assert enc["shape"] == (33, 47) and dec["x_hat"].shape == x.shape
     assert dec["digests"] == enc["digests"]
     assert close_latents(dec["y_hat"], out["y_hat"])
 
 
 def test_pretrained_compress_roundtrip(tiny_bk_sdm):
-    """BK-SDM's pretrained U-Net has no exact form: with it the codec codes with 0 steps only."""
+    """BK-SDM's pretrained U-Net codes with its reverse steps, in the exact form, and with 0."""
     model = ready(pretrained_model(tiny_bk_sdm))
     x = torch.rand(1, 3, 30, 34)
-    with pytest.raises(bk.ExactError, match="--diffusion_steps 0"):
-        model.compress(x)
-    model.set_inference_steps(0)
-    with torch.no_grad():
-        out = model(x)
-        enc = model.compress(x)
-        dec = model.decompress(enc["strings"], enc["shape"])
-    assert dec["digests"] == enc["digests"] and close_latents(dec["y_hat"], out["y_hat"])
-    assert dec["x_hat"].shape == x.shape
+    for steps in (model.config.diffusion_steps, 0):
+        model.set_inference_steps(steps)
+        with torch.no_grad():
+            out = model(x)
+            enc = model.compress(x)
+            dec = model.decompress(enc["strings"], enc["shape"], digests=enc["digests"])
+        assert len(enc["strings"]) == 1 + max(1, steps)
+        assert dec["digests"] == enc["digests"] and close_latents(dec["y_hat"], out["y_hat"])
+        assert dec["x_hat"].shape == x.shape
 
 
 @pytest.mark.parametrize("steps", [0, 4])
@@ -412,7 +412,8 @@ def test_pretrained_checkpoint_loads_from_the_path_it_names(tmp_path, tiny_bk_sd
     loaded, _ = bk.load_codec(ckpt)
     assert loaded.fingerprint() == model.fingerprint()
     src = write_image(tmp_path / "in.png", (32, 32))
-    bk.main(["compress", str(src), str(tmp_path / "a.bin"), "--checkpoint", str(ckpt), "--diffusion_steps", "0"])
+    bk.main(["compress", str(src), str(tmp_path / "a.bin"), "--checkpoint", str(ckpt)])  # with its steps
+    assert bk.read_bitstream((tmp_path / "a.bin").read_bytes())[0].diffusion_steps == model.config.diffusion_steps
     bk.main(["decompress", str(tmp_path / "a.bin"), str(tmp_path / "a.png"), "--checkpoint", str(ckpt)])
     assert (tmp_path / "a.png").exists()
 
@@ -439,7 +440,7 @@ def test_slim_checkpoint_is_smaller_and_codes_like_the_full_one(tmp_path):
     x = torch.rand(1, 3, 48, 48)
     with torch.no_grad():
         enc = b.compress(x)
-        assert b.decompress(enc["strings"], enc["shape"])["digests"] == enc["digests"]
+        assert b.decompress(enc["strings"], enc["shape"], digests=enc["digests"])["digests"] == enc["digests"]
         assert lic_common.psnr(a(x)["x_hat"], b(x)["x_hat"]) > 40  # fp16 rounding changes almost nothing
 
 
@@ -567,7 +568,7 @@ def test_shipped_reference_checkpoints_load_code_and_order_by_rate():
         model, _ = bk.load_codec(path)
         with torch.no_grad():
             coded = model.compress(x)
-            x_hat = model.decompress(coded["strings"], coded["shape"])["x_hat"].clamp(0, 1)
+            x_hat = model.decompress(coded["strings"], coded["shape"], digests=coded["digests"])["x_hat"].clamp(0, 1)
         sizes.append(sum(len(s) for group in coded["strings"] for s in group))
         psnr = -10 * torch.log10((x_hat - x).pow(2).mean()).item()
         assert psnr > 24, (path.name, psnr)
