@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -427,8 +426,8 @@ HEADROOM = 4  # calibration: the largest value seen uses a quarter of the range
 DEFAULT_EXPONENT = 12  # an uncalibrated point holds [-128, 128) in steps of 2**-12
 QUALITY_FRACTION_BITS = 8  # variable rate: a file records its quality q as round((q - 1) * 2**8)
 GELU_RANGE, GELU_STEP_BITS = 8, 7  # GELU table over [-8, 8], step 2**-7, interpolated linearly
-EXP_RANGE, EXP_STEP_BITS = 25, 13  # softmax: exp(-x) over [0, 25], step 2**-13, nearest entry (beyond: 0)
-SCORE_BITS = 20  # softmax: fraction bits kept of a score difference before it is scaled
+EXP_RANGE, EXP_STEP_BITS, EXP_BITS = 16, 13, 22  # softmax: exp(-x) over [0, 16] at 2**-22, step 2**-13, nearest entry (beyond: 0)
+SCORE_BITS = 24  # softmax: fraction bits kept of a score difference before it is scaled
 SCALE_BITS = 24  # attention: fraction bits of the integer score scale (1 / sqrt(head width))
 WEIGHT_SUM_BITS = 32  # attention: a row's exp weights are shifted down until they sum below 2**32
 ATTENTION_CHUNK = 2**22  # attention: score elements per chunk of queries (memory stays bounded)
@@ -498,7 +497,7 @@ def _gelu_table() -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _exp_table() -> torch.Tensor:
-    """round(exp(-i 2**-EXP_STEP_BITS) * 2**LOG_BITS), i = 0 .. EXP_RANGE 2**EXP_STEP_BITS, as float64
+    """round(exp(-i 2**-EXP_STEP_BITS) * 2**EXP_BITS), i = 0 .. EXP_RANGE 2**EXP_STEP_BITS, as float64
     (integers): powers of exp(-2**-EXP_STEP_BITS) (from ``decimal``) in 128-bit fixed point, Python
     integers only (the accumulated error stays below 2**-100, far under the rounding)."""
     from decimal import Decimal, localcontext
@@ -507,9 +506,9 @@ def _exp_table() -> torch.Tensor:
     with localcontext() as ctx:
         ctx.prec = 60
         ratio = int((Decimal(-1) / 2**EXP_STEP_BITS).exp() * 2**bits)
-    v, half, values = 1 << bits, 1 << (bits - LOG_BITS - 1), []
+    v, half, values = 1 << bits, 1 << (bits - EXP_BITS - 1), []
     for _ in range(EXP_RANGE * 2**EXP_STEP_BITS + 1):
-        values.append((v + half) >> (bits - LOG_BITS))
+        values.append((v + half) >> (bits - EXP_BITS))
         v = (v * ratio + (1 << (bits - 1))) >> bits
     return torch.tensor(values, dtype=torch.float64)
 
@@ -834,7 +833,8 @@ def check_exact_unet(unet: nn.Module, adapter: nn.Module | None = None) -> None:
                   "time_embedding_act_fn")  # fmt: skip
         if cfg.time_embedding_type != "positional" or any(getattr(cfg, k, None) is not None for k in extras):
             problems.append("class, addition, encoder or extra time embeddings")
-        if getattr(cfg, "dual_cross_attention", False) or getattr(cfg, "only_cross_attention", False) not in (False, None):
+        only_cross = getattr(cfg, "only_cross_attention", False)
+        if getattr(cfg, "dual_cross_attention", False) or (any(only_cross) if isinstance(only_cross, (list, tuple)) else only_cross):
             problems.append("dual or cross-only attention")
         for name, m in unet.named_modules():
             kind = type(m).__name__
@@ -843,15 +843,16 @@ def check_exact_unet(unet: nn.Module, adapter: nn.Module | None = None) -> None:
                                         or getattr(m, "norm_q", None) is not None or getattr(m, "norm_k", None) is not None):
                 problems.append(f"{name}: attention with extra normalisations or rescaling")
             elif kind == "BasicTransformerBlock" and (m.norm_type != "layer_norm" or m.pos_embed is not None
-                                                      or type(m.ff.net[0]).__name__ != "GEGLU"
-                                                      or getattr(m, "_chunk_size", None) is not None):
+                                                      or type(m.ff.net[0]).__name__ != "GEGLU" or m.only_cross_attention
+                                                      or getattr(m, "attention_type", "default") != "default"
+                                                      or (m.attn2 is not None and not m.attn2.is_cross_attention)):
                 problems.append(f"{name}: a transformer block other than LayerNorm + attention + GEGLU")
             elif kind == "GEGLU" and getattr(m, "approximate", "none") != "none":
                 problems.append(f"{name}: tanh-approximated GELU")
             elif kind == "Transformer2DModel" and (not m.is_input_continuous or m.config.norm_type != "layer_norm"):
                 problems.append(f"{name}: a transformer on other than continuous feature maps")
-            elif kind in ("Upsample2D", "Downsample2D") and (m.conv is None or getattr(m, "use_conv_transpose", False)
-                                                             or getattr(m, "norm", None) is not None
+            elif kind in ("Upsample2D", "Downsample2D") and (type(m.conv) is not nn.Conv2d or getattr(m, "norm", None) is not None
+                                                             or (kind == "Upsample2D" and not m.interpolate)
                                                              or (kind == "Downsample2D" and m.padding != 1)):
                 problems.append(f"{name}: a resampler other than nearest x2 + conv / a padded stride-2 conv")
     else:
@@ -980,7 +981,6 @@ class _IntOps:
         cap = float(((EXP_RANGE << (fs + SCALE_BITS)) // scale) >> shift << shift)  # beyond: exp = 0
         to_index = math.ldexp(1.0, -(fs - shift + SCALE_BITS - EXP_STEP_BITS))  # powers of two: exact
         table = self.ex.exp_table
-        last = float(table.numel() - 1)
         kh = k.view(B, L, heads, d).permute(0, 2, 3, 1).double()  # (B, H, d, L)
         vh = v.view(B, L, heads, d).transpose(1, 2).double()  # (B, H, L, d)
         qh = q.view(B, N, heads, d).transpose(1, 2)
@@ -989,11 +989,15 @@ class _IntOps:
         for s in range(0, N, chunk):
             z = _matmul(qh[:, :, s : s + chunk].double(), kh)  # scores at fs, exact
             torch.sub(z.amax(-1, keepdim=True), z, out=z)  # >= 0, below 2**53
-            z.clamp_(max=cap).mul_(math.ldexp(1.0, -shift)).floor_().mul_(scale)  # an integer below EXP_RANGE 2**(fs - shift + SCALE_BITS + 1)
-            z.mul_(to_index).add_(0.5).floor_().clamp_(max=last)  # the table entry: x rounded to 2**-EXP_STEP_BITS
+            z.clamp_(max=cap)
+            if shift:
+                z.mul_(math.ldexp(1.0, -shift)).floor_()  # at fs - shift <= SCORE_BITS fraction bits
+            # times the integer scale and a power of two: one rounding of a product exact in 49 bits,
+            # so exact; then the nearest table entry (ties to even), never past the last (the cap)
+            z.mul_(scale * to_index).round_()
             e = table[z.long()]
             del z
-            total = e.sum(-1, keepdim=True)  # exact: below 2**(LOG_BITS + 1) L
+            total = e.sum(-1, keepdim=True)  # exact: at most 2**EXP_BITS L
             _, exponent = torch.frexp(total)
             down = (exponent.long() - WEIGHT_SUM_BITS).clamp_(min=0)
             if bool((down > 0).any()):
@@ -1102,7 +1106,7 @@ class ExactPrior(nn.Module):
         rounding: exact). The weights are integers below 2**15, kept in float32 (exactly)."""
         ops = _ShapeOps(self.exponents, first)
         walk(ops)
-        for name, (layer, f_in, time) in ops.layers.items():
+        for name, (layer, f_in, timed) in ops.layers.items():
             w = layer.weight.detach().double()
             out_dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
             per_out = w.transpose(0, out_dim).reshape(w.shape[out_dim], -1)
@@ -1116,7 +1120,7 @@ class ExactPrior(nn.Module):
             shape[out_dim] = -1
             weight = torch.round(w * _pow2(e).view(shape)).float()
             bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros(len(e), dtype=torch.float64, device=w.device)
-            if time is not None:  # one bias per step: conv1's bias plus the step's time embedding
+            if timed is not None:  # one bias per step: conv1's bias plus the step's time embedding
                 bias = bias[None] + self.conv_time[name].to(bias.device)
             bias = torch.round(bias * _pow2(e + f_in)).long()
             f_out = self.exponents[name]
@@ -1126,7 +1130,7 @@ class ExactPrior(nn.Module):
             tail = (None,) * (0 if isinstance(layer, nn.Linear) else 2)  # (O, 1, 1) for maps, (O,) for tokens
             self.convs[name] = {
                 "weight": weight, "bias_half": ((bias << left) + half)[(..., *tail)], "right": right[(..., *tail)],
-                "left": left[(..., *tail)] if bool(left.any()) else None, "f_in": f_in, "f_out": f_out, "time": time is not None,
+                "left": left[(..., *tail)] if bool(left.any()) else None, "f_in": f_in, "f_out": f_out, "time": timed is not None,
             }  # fmt: skip
 
     @staticmethod

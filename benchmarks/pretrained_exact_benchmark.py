@@ -191,8 +191,6 @@ def size_worker(spec: str, threads: int) -> None:
     """One process, one measurement: prints a JSON line {seconds, peak_rss_gb, ...}."""
     import torch
 
-    import bk_sdm_compression as bk
-
     torch.set_num_threads(threads)
     kind, config_path = spec.split(":", 1)
     t0 = time.perf_counter()

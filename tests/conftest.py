@@ -37,21 +37,30 @@ TINY_UNET = dict(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBl
                  attention_head_dim=4)  # fmt: skip
 
 
-def make_bk_sdm(root: Path, **unet) -> Path:
+def make_bk_sdm(root: Path, vae: dict | None = None, **unet) -> Path:
     """A diffusers folder shaped like nota-ai/bk-sdm-small (vae/, unet/, scheduler/), tiny and random,
-    with sizes unlike BK-SDM's (3 latent channels) so nothing may assume them; ``unet`` overrides
-    the U-Net's configuration (``TINY_UNET``)."""
+    with sizes unlike BK-SDM's (3 latent channels, a VAE downsampling by 2) so nothing may assume
+    them; ``vae`` and ``unet`` override their configurations."""
     import bk_sdm_compression as bk
 
-    vae = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-               latent_channels=3, norm_num_groups=8, sample_size=32, scaling_factor=0.5)  # fmt: skip
-    return bk.save_random_bk_sdm(root, vae, dict(sample_size=8, in_channels=3, out_channels=3, norm_num_groups=8, **(TINY_UNET | unet)))
+    base = dict(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                latent_channels=3, norm_num_groups=8, sample_size=32, scaling_factor=0.5)  # fmt: skip
+    unet = dict(sample_size=8, in_channels=3, out_channels=3, norm_num_groups=8, **(TINY_UNET | unet))
+    return bk.save_random_bk_sdm(root, base | (vae or {}), unet)
 
 
 @pytest.fixture(scope="session")
 def tiny_bk_sdm(tmp_path_factory) -> Path:
     """``make_bk_sdm``'s default: cross-attention width 24, 4 heads, convolutional projections."""
     return make_bk_sdm(tmp_path_factory.mktemp("tiny-bk-sdm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bk_sdm_f8(tmp_path_factory) -> Path:
+    """``make_bk_sdm`` with BK-SDM's downsampling by 8, for whole photographs (a Kodak image's latent
+    is then 64 x 96, as under BK-SDM's VAE)."""
+    vae = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16))
+    return make_bk_sdm(tmp_path_factory.mktemp("tiny-bk-sdm-f8"), vae)
 
 
 def write_image(path: Path, size=(40, 56), mode="RGB", seed=0) -> Path:
