@@ -430,7 +430,7 @@ EXP_RANGE, EXP_STEP_BITS, EXP_BITS = 16, 13, 22  # softmax: exp(-x) over [0, 16]
 SCORE_BITS = 24  # softmax: fraction bits kept of a score difference before it is scaled
 SCALE_BITS = 24  # attention: fraction bits of the integer score scale (1 / sqrt(head width))
 WEIGHT_SUM_BITS = 32  # attention: a row's exp weights are shifted down until they sum below 2**32
-ATTENTION_CHUNK = 2**22  # attention: score elements per chunk of queries (memory stays bounded)
+ATTENTION_CHUNK = 2**23  # attention: score elements per chunk of queries (memory stays bounded: 64 MB a tensor)
 
 
 def _decimal_table(fn, xs) -> torch.Tensor:
