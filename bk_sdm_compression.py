@@ -50,9 +50,10 @@ start at zero), a new zero-initialised output convolution, and cross-attention t
 the hyperprior by an adapter in place of text.
 
 Files decode to the same latent on every machine: everything that decides the entropy coder's
-parameters (h_s, the U-Net's reverse and denoising steps, the means and scale indexes) runs as an
-exact integer network (Ballé, Johnston & Minnen 2019, "Integer networks for data compression with
-latent-variable models"; JPEG AI's reference decoder), see "Exact integer entropy model" below.
+parameters (h_s, the U-Net's reverse and denoising steps, BK-SDM's attention included, the means
+and scale indexes) runs as an exact integer network (Ballé, Johnston & Minnen 2019, "Integer
+networks for data compression with latent-variable models"; JPEG AI's reference decoder; I-BERT's
+integer softmax, Kim et al. 2021), see "Exact integer entropy model" below.
 ``update()`` builds it from the float weights (after ``calibrate`` on training crops, or with
 default ranges), a checkpoint stores its tables, and each file carries a digest of the decoded
 latent that the decoder checks. The float chain stays for training and for the rate estimate.
@@ -336,16 +337,6 @@ def _zero_conv_like(conv_layer: nn.Conv2d, in_channels: int, out_channels: int) 
     return new
 
 
-def is_scratch_unet(unet: nn.Module | None) -> bool:
-    """Whether ``unet`` is the from-scratch diffusers ``UNet2DModel`` (diffusers is imported where
-    a model is built, not with this module: ``--help`` stays fast)."""
-    if unet is None:
-        return False
-    from diffusers import UNet2DModel
-
-    return isinstance(unet, UNet2DModel)
-
-
 def scratch_unet(M: int, channels: int, levels: int, layers_per_block: int, norm_group_channels: int) -> nn.Module:
     """A small diffusers U-Net: [innovation, known mask, mu0, log sigma0] (4M channels) -> a mean
     shift and a log scale factor (2M channels; see ``DiffusionHyperprior._predict``). Its output
@@ -397,19 +388,23 @@ def adapt_pretrained_unet(unet: nn.Module, M: int) -> None:
 # ---- Exact integer entropy model ----
 #
 # Everything that decides the entropy coder's parameters (the hyper-decoder h_s, the U-Net of the
-# reverse steps and of the denoising step, the means and the scale indexes they give) runs in
-# integer arithmetic, after Ballé, Johnston & Minnen 2019 ("Integer networks for data compression
-# with latent-variable models") and JPEG AI's reference decoder: a value is an int64 q standing for
-# q * 2**-f, with one exponent f per tensor, calibrated on training crops. Convolutions multiply
-# integers below 2**19 by per-output-channel integer weights below 2**15, so with at most 2**18
-# terms every partial sum is an integer below 2**52: float64 computes them exactly in any order
-# (threads, BLAS blocking, CPU or GPU), and im2col+GEMM is forced (cuDNN's FFT and Winograd
-# algorithms are not exact). Everything else is integer: shifts, floor division, an exact integer
-# square root for GroupNorm, tables for SiLU and log made with ``decimal`` (correctly rounded, the
-# same on every machine). The timestep enters as per-step integer tables (the U-Net's timestep
-# MLP folded into GroupNorm's affine), computed once by ``update()`` and stored in the
-# checkpoint with the entropy coder's CDF tables, so a decoder recomputes nothing in floating
-# point. The coder's scale index comes from an integer log-scale and stored integer thresholds.
+# reverse steps and of the denoising step, the cross-attention adapter, the means and the scale
+# indexes they give) runs in integer arithmetic, after Ballé, Johnston & Minnen 2019 ("Integer
+# networks for data compression with latent-variable models") and JPEG AI's reference decoder: a
+# value is an int64 q standing for q * 2**-f, with one exponent f per tensor, calibrated on
+# training crops. Convolutions and linear layers multiply integers below 2**19 by per-output-channel
+# integer weights below 2**15, so with at most 2**18 terms every partial sum is an integer below
+# 2**52: float64 computes them exactly in any order (threads, BLAS blocking, CPU or GPU). They are
+# gathers (unfold / fold) and matrix products, never a backend's convolution algorithm (cuDNN's
+# FFT and Winograd round), so no process-wide flag can change a value. Attention (BK-SDM's U-Net)
+# follows I-BERT (Kim et al. 2021): exact score products, an exp table, integer sums and
+# divisions. Everything else is integer: shifts, floor division, an exact integer square root for
+# GroupNorm and LayerNorm, tables for SiLU, GELU, exp and log made with ``decimal`` (correctly
+# rounded, the same on every machine). The timestep enters as per-step integer tables (the U-Net's
+# timestep MLP folded into GroupNorm's affine or conv1's bias), computed once by ``update()`` and
+# stored in the checkpoint with the entropy coder's CDF tables, so a decoder recomputes nothing in
+# floating point. The coder's scale index comes from an integer log-scale and stored integer
+# thresholds.
 
 ACT_BITS = 20  # activations: |q| < 2**(ACT_BITS - 1)
 ACT_MAX = 2 ** (ACT_BITS - 1) - 1
@@ -1433,7 +1428,8 @@ class DiffusionHyperprior(CompressionModel):
 
     ``forward(x)`` -> {"x_hat", "y", "z", "y_hat", "prediction", "scales", "likelihoods": {"y"?, "z"}};
     ``compress(x)`` -> {"strings", "shape"}: one string list per revealed group, then z's, with
-    ``shape`` the image's (H, W); ``decompress(strings, shape)`` -> {"x_hat", "y_hat"}.
+    ``shape`` the image's (H, W), and the ``digests`` of the latent the decoder must reach;
+    ``decompress(strings, shape, digests=...)`` -> {"x_hat", "y_hat", "digests"} (it refuses another latent).
     """
 
     def __init__(

@@ -230,3 +230,35 @@ def test_a_checkpoint_from_before_the_unets_integer_form_is_told_to_convert_and_
     new, _ = bk.load_codec(tmp_path / "new.pth")
     data = bk.encode_image(new, x)
     assert bk.read_bitstream(data)[0].diffusion_steps == 2 and bk.decode_image(new, data).shape == x.shape
+
+
+def test_the_exact_path_reads_and_sets_no_backend_flag(tiny_bk_sdm, monkeypatch):
+    """Nothing process-wide decides a value: coding works with cuDNN's and oneDNN's flag switches
+    made to fail, so no other thread can change the exact path's arithmetic by flipping them."""
+    model = exact_codec(tiny_bk_sdm)
+    x = torch.rand(1, 3, 48, 64)
+    expected = model.compress(x)["strings"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the exact path touched a backend flag")
+
+    monkeypatch.setattr(torch.backends.cudnn, "flags", refuse)
+    monkeypatch.setattr(torch.backends.mkldnn, "flags", refuse)
+    assert model.compress(x)["strings"] == expected
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pretrained_files_cross_between_cpu_and_cuda_with_tf32_on_and_off(trained, tmp_path):
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import exact_cuda_check
+
+    for i in range(2):
+        write_image(tmp_path / "imgs" / f"{i}.png", (96, 128), seed=i)
+    out = exact_cuda_check.main(["--checkpoints", str(trained), "--kodak", str(tmp_path / "imgs")])
+    result = out[trained.name]  # files may differ by encoder (the VAE is floating point); every decode must agree
+    assert result["refused"] == [] and result["lowest_psnr_between_decodes"] >= 60
