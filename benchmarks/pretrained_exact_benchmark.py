@@ -56,15 +56,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kodak", default=str(ROOT.parent / "shared" / "data" / "kodak"), help="evaluation images")
     p.add_argument("--max_images", type=int, default=8, help="evaluation images coded (the first ones)")
     p.add_argument("--train_steps", type=int, default=300, help="training steps of the tiny codec")
+    p.add_argument("--image_size", type=int, default=128, help="training crop size of the tiny codec")
     p.add_argument("--bk_sdm_configs", default=str(ROOT.parent / "shared" / "data" / "bk-sdm"),
                    help="folder of BK-SDM's U-Net configurations (unet_small_v1.json, unet_small_v2.json)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of the real-size step")
+    p.add_argument("--latent_size", type=int, nargs=2, default=list(SIZE_LATENT), metavar=("H", "W"),
+                   help="latent of the real-size step (a Kodak image's under BK-SDM's VAE)")
     p.add_argument("--work_dir", default=str(ROOT / "benchmarks" / "runs" / "pretrained_exact"), help="trained codec and per-image cache")
     p.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "results"), help="where the JSON and Markdown go")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: "exact|float:CONFIG.json"
     args = p.parse_args(argv)
-    if args.max_images < 1 or args.train_steps < 1 or args.threads < 1:
-        p.error("--max_images, --train_steps and --threads must be >= 1")
+    if args.max_images < 1 or args.train_steps < 1 or args.threads < 1 or args.image_size < 64 or min(args.latent_size) < 8:
+        p.error("--max_images, --train_steps and --threads must be >= 1, --image_size >= 64, --latent_size >= 8")
     return args
 
 
@@ -83,8 +86,8 @@ def train_codec(args) -> Path:
     best = run / "best_checkpoint.pth"
     if not best.is_file() or not (run / "done").is_file():
         tr.main(["--data_path", args.train, "--output_dir", str(run), "--use_pretrained_vae", "--use_pretrained_unet",
-                 "--bk_sdm_path", str(folder), "--N", "64", "--diffusion_steps", "4", "--image_size", "128",
-                 "--val_image_size", "128", "--batch_size", "8", "--num_workers", "0", "--max_steps", str(args.train_steps),
+                 "--bk_sdm_path", str(folder), "--N", "64", "--diffusion_steps", "4", "--image_size", str(args.image_size),
+                 "--val_image_size", str(args.image_size), "--batch_size", "8", "--num_workers", "0", "--max_steps", str(args.train_steps),
                  "--val_interval", "1000", "--lambda_rate", "0.01", "--no-amp", "--no-progress"])  # fmt: skip
         (run / "done").write_text("trained\n")
     return best
@@ -204,7 +207,7 @@ def step_inputs(model, size: tuple[int, int]) -> dict:
             "innovation": torch.where(known, (y.round() - mu0) / sigma0, 0), "step": torch.tensor([1])}  # fmt: skip
 
 
-def size_worker(spec: str, threads: int) -> None:
+def size_worker(spec: str, threads: int, latent_size: tuple[int, int]) -> None:
     """One process, one measurement: prints a JSON line {seconds, peak_rss_gb, ...}."""
     import torch
 
@@ -213,7 +216,7 @@ def size_worker(spec: str, threads: int) -> None:
     t0 = time.perf_counter()
     model = real_size_codec(config_path, exact=kind == "exact")
     build_s = time.perf_counter() - t0
-    inputs = step_inputs(model, SIZE_LATENT)
+    inputs = step_inputs(model, tuple(latent_size))
     parameters = sum(p.numel() for p in model.unet.parameters())
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -241,8 +244,8 @@ def measure_size(args) -> dict:
             continue
         row = {}
         for kind in ("float", "exact"):
-            r = subprocess.run([sys.executable, __file__, "--worker", f"{kind}:{path}", "--threads", str(args.threads)],
-                               capture_output=True, text=True)  # fmt: skip
+            r = subprocess.run([sys.executable, __file__, "--worker", f"{kind}:{path}", "--threads", str(args.threads),
+                                "--latent_size", *map(str, args.latent_size)], capture_output=True, text=True)  # fmt: skip
             if r.returncode != 0:
                 raise RuntimeError(f"{kind} step of {name} failed:\n{r.stderr[-2000:]}")
             row[kind] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -274,7 +277,8 @@ def markdown(result: dict) -> str:
         ]  # fmt: skip
     size = result.get("size")
     if size:
-        lines += [f"One reverse step at a {SIZE_LATENT[0]}x{SIZE_LATENT[1]} latent, random weights of BK-SDM's configurations, "
+        h, w = result.get("latent_size", SIZE_LATENT)
+        lines += [f"One reverse step at a {h}x{w} latent, random weights of BK-SDM's configurations, "
                   f"{result['threads']} CPU threads, each in its own process:", "",
                   "| configuration | parameters | float32 s | exact s | exact / float | float32 peak GiB | exact peak GiB |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -287,12 +291,12 @@ def markdown(result: dict) -> str:
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
     if args.worker:
-        size_worker(args.worker, args.threads)
+        size_worker(args.worker, args.threads, args.latent_size)
         return {}
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     out_json = Path(args.output_dir) / "pretrained_exact.json"
     result = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    result["threads"] = args.threads
+    result["threads"], result["latent_size"] = args.threads, args.latent_size
     if args.stage in ("all", "rd"):
         result["rd"] = measure_rd(args, train_codec(args))
     if args.stage in ("all", "size"):

@@ -58,9 +58,9 @@ def tiny_bk_sdm(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bk_sdm_f8(tmp_path_factory) -> Path:
     """``make_bk_sdm`` with BK-SDM's downsampling by 8, for whole photographs (a Kodak image's latent
-    is then 64 x 96, as under BK-SDM's VAE)."""
+    is then 64 x 96, as under BK-SDM's VAE), one attention head."""
     vae = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16))
-    return make_bk_sdm(tmp_path_factory.mktemp("tiny-bk-sdm-f8"), vae)
+    return make_bk_sdm(tmp_path_factory.mktemp("tiny-bk-sdm-f8"), vae, attention_head_dim=1)  # one head: 6144 keys cost least
 
 
 def write_image(path: Path, size=(40, 56), mode="RGB", seed=0) -> Path:

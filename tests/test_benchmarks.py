@@ -443,3 +443,29 @@ def test_prior_comparison_trains_every_entropy_model_on_the_same_latents_and_mea
                      "--results", str(tmp_path / "res2"), "--cache_latents", "8", "--image_size", "64", "--variants",
                      "diffusion-channels-4", "--max_images", "1"])  # fmt: skip
     assert again["kodak"]["per_point"] == summary["kodak"]["per_point"]
+
+
+def test_pretrained_exact_benchmark_trains_codes_and_times_a_real_layout(image_dir, tmp_path):
+    """Both stages at tiny sizes: a BK-SDM-shaped codec trained by the training script codes an
+    image with the exact and the float coder (bytes compared), and one step of a U-Net built from a
+    configuration file is timed exact and float32, each in its own process."""
+    import pretrained_exact_benchmark
+
+    kodak = tmp_path / "kodak"
+    write_image(kodak / "kodim01.png", (64, 96), seed=3)
+    configs = tmp_path / "bk-sdm"
+    configs.mkdir()
+    tiny = {"_class_name": "UNet2DConditionModel", "in_channels": 4, "out_channels": 4, "block_out_channels": [16, 32],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 16, "layers_per_block": 1, "attention_head_dim": 2, "norm_num_groups": 8,
+            "use_linear_projection": True, "mid_block_type": None}  # fmt: skip
+    (configs / "unet_small_v1.json").write_text(json.dumps(tiny))
+    result = pretrained_exact_benchmark.main(["--train", str(image_dir), "--kodak", str(kodak), "--bk_sdm_configs", str(configs),
+                                              "--train_steps", "2", "--image_size", "64", "--max_images", "1", "--latent_size", "16", "24",
+                                              "--work_dir", str(tmp_path / "work"), "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    rd = result["rd"]
+    assert rd["images"] == 1 and rd["diffusion_steps"] == 4 and abs(rd["exact_over_float_payload"]) < 0.05
+    assert rd["exact_bpp"] > rd["float_bpp"]  # the same strings but for rounding, and 14 more header bytes
+    size = result["size"]["unet_small_v1.json"]
+    assert size["exact"]["seconds"] > 0 and size["float"]["peak_rss_gb"] > 0 and size["exact_over_float_time"] > 0
+    assert "unet_small_v2.json" not in result["size"] and (tmp_path / "out" / "pretrained_exact.md").is_file()
