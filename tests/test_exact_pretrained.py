@@ -13,7 +13,7 @@ import evaluate_bk_sdm_compression as ev
 import lic_common
 import train_bk_sdm_compression as tr
 from conftest import make_bk_sdm, write_image
-from test_exact import move_means_by_one_unit, run
+from test_exact import check_files_cross_cpu_and_cuda, move_means_by_one_unit, run
 
 # U-Net layouts beside conftest's (convolutional projections, 4 heads 4 wide, cross-attention 24 wide,
 # no mid block, as BK-SDM-Small): Stable Diffusion 2.x's linear projections with per-block head
@@ -250,15 +250,4 @@ def test_the_exact_path_reads_and_sets_no_backend_flag(tiny_bk_sdm, monkeypatch)
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_pretrained_files_cross_between_cpu_and_cuda_with_tf32_on_and_off(trained, tmp_path):
-    import sys
-
-    from conftest import ROOT
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import exact_cuda_check
-
-    for i in range(2):
-        write_image(tmp_path / "imgs" / f"{i}.png", (96, 128), seed=i)
-    out = exact_cuda_check.main(["--checkpoints", str(trained), "--kodak", str(tmp_path / "imgs")])
-    result = out[trained.name]  # files may differ by encoder (the VAE is floating point); every decode must agree
-    assert result["refused"] == [] and result["lowest_psnr_between_decodes"] >= 60
+    check_files_cross_cpu_and_cuda(trained, tmp_path)
