@@ -911,7 +911,7 @@ class _IntOps:
         self.first_acc = first_acc  # the U-Net input layer's sums, when ExactPrior.predict made them
         self.cache = {} if cache is None else cache  # what is the same at every step of one chain
 
-    def _finish(self, name, acc, p):
+    def _finish(self, acc, p):
         if p["left"] is not None:
             acc = acc << p["left"]
         bias = p["bias_half"]
@@ -927,7 +927,7 @@ class _IntOps:
             acc = self.first_acc
         else:
             acc = _integer_conv(q.double(), p["weight"], layer).long()
-        return self._finish(name, acc, p)
+        return self._finish(acc, p)
 
     def linear(self, name, x, layer, cached=False):
         if cached and name in self.cache:
@@ -935,7 +935,7 @@ class _IntOps:
         q, f = x
         p = self.ex.convs[name]
         assert f == p["f_in"], f"{name}: input exponent {f}, the tables were built for {p['f_in']}"
-        out = self._finish(name, _matmul(q.double(), p["weight"].double().t()).long(), p)
+        out = self._finish(_matmul(q.double(), p["weight"].double().t()).long(), p)
         if cached:
             self.cache[name] = out
         return out
@@ -1012,16 +1012,13 @@ class _IntOps:
 
     def pool(self, x, grid):
         q, f = x
-        B, C, H, W = q.shape
-        out = q
-        for dim, size in ((2, H), (3, W)):
-            starts, ends = _adaptive_windows(size, grid)
+        out, counts = q, 1
+        for dim in (2, 3):
+            starts, ends = _adaptive_windows(q.shape[dim], grid)
             csum = torch.cat([torch.zeros_like(out.narrow(dim, 0, 1)), out.cumsum(dim)], dim)
-            idx = torch.tensor(ends, device=q.device), torch.tensor(starts, device=q.device)
-            out = csum.index_select(dim, idx[0]) - csum.index_select(dim, idx[1])
-        hs, he = _adaptive_windows(H, grid)
-        ws, we = _adaptive_windows(W, grid)
-        counts = torch.tensor([[(e1 - s1) * (e2 - s2) for s2, e2 in zip(ws, we)] for s1, e1 in zip(hs, he)], device=q.device)
+            out = csum.index_select(dim, torch.tensor(ends, device=q.device)) - csum.index_select(dim, torch.tensor(starts, device=q.device))
+            lengths = torch.tensor([e - s for s, e in zip(starts, ends)], device=q.device)
+            counts = counts * (lengths[:, None] if dim == 2 else lengths[None, :])  # (grid, grid) window sizes
         return _div(out, counts), f
 
     def silu(self, x):
@@ -1256,13 +1253,15 @@ class ExactPrior(nn.Module):
         M = state.shape[1]
         weight, layer = self.convs["unet.conv_in"]["weight"], unet.conv_in
         cache = {} if cache is None else cache
+
+        def hyperprior(exponent):  # [mu0, log sigma0] at ``exponent``: the U-Net's and the adapter's input
+            return torch.cat([_shift(mu0, f - exponent), _shift(log_sigma0, LOG_BITS - exponent)], dim=1).clamp(-ACT_MAX, ACT_MAX)
+
         if "hyperprior" not in cache:
-            prior = torch.cat([_shift(mu0, f - fi), _shift(log_sigma0, LOG_BITS - fi)], dim=1).clamp(-ACT_MAX, ACT_MAX)
-            cache["hyperprior"] = _integer_conv(prior.double(), weight[:, 2 * M :], layer).long()
+            cache["hyperprior"] = _integer_conv(hyperprior(fi).double(), weight[:, 2 * M :], layer).long()
         if adapter is not None and "context" not in cache:
             fa = self.exponents["adapter.in"]
-            cond = torch.cat([_shift(mu0, f - fa), _shift(log_sigma0, LOG_BITS - fa)], dim=1).clamp(-ACT_MAX, ACT_MAX)
-            cache["context"] = _walk_adapter(_IntOps(self), adapter, (cond, fa))
+            cache["context"] = _walk_adapter(_IntOps(self), adapter, (hyperprior(fa), fa))
         acc = cache["hyperprior"]
         active = known.flatten(2).any(2).any(0).nonzero().flatten()  # channels with something revealed
         if len(active):
