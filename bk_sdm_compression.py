@@ -220,6 +220,59 @@ def hyper_synthesis(N: int, M: int) -> nn.Sequential:
     )  # fmt: skip
 
 
+TILE = 512  # pixels: compress / decompress run analysis and synthesis in tiles of this side (0: whole)
+
+
+def receptive_halo(transform: nn.Module) -> int | None:
+    """The margin, in units of its input, that a transform made of convolutions and pointwise
+    layers (GDN, activations) reads around each output: a tile run with that much more input on
+    every side has the untiled values inside it. None when it holds anything else (the pretrained
+    VAE's attention and GroupNorm see the whole picture: it cannot be tiled)."""
+    def layers(module):  # in order; GDN (and its parametrizers) as one pointwise layer
+        children = list(module.children())
+        return [module] if isinstance(module, GDN) or not children else [m for c in children for m in layers(c)]
+
+    halo, scale = 0.0, 1.0  # scale: one position of this layer's input, in the transform's input units
+    for layer in layers(transform):
+        if isinstance(layer, nn.Conv2d):
+            (k, _), (s, _), (p, _) = layer.kernel_size, layer.stride, layer.padding
+            halo += max(p, k - 1 - p) * scale
+            scale *= s
+        elif isinstance(layer, nn.ConvTranspose2d):  # output o reads inputs (o + p - k + 1) / s .. (o + p) / s
+            (k, _), (s, _), (p, _) = layer.kernel_size, layer.stride, layer.padding
+            halo += (-(-max(p, k - 1 - p) // s) + 1) * scale
+            scale /= s
+        elif not isinstance(layer, (GDN, nn.LeakyReLU, nn.ReLU, nn.GELU, nn.SiLU, nn.Identity)):
+            return None
+    return math.ceil(halo)
+
+
+def run_tiled(fn: Callable, x: torch.Tensor, tile: int, halo: int, up: int = 1, down: int = 1) -> torch.Tensor:
+    """``fn(x)`` for ``fn`` mapping (B, C, h, w) to (B, C', h * up / down, w * up / down), run on tiles
+    of ``tile`` x ``tile`` input positions, each read with ``halo`` more on every side (clipped at
+    the borders) and its output cut back to the tile: the untiled ``fn(x)`` up to float rounding when
+    ``halo`` covers ``fn``'s receptive field (``receptive_halo``), with memory bounded by the tile.
+    ``tile`` and ``halo`` are multiples of ``down`` (the tiles stay on the stride grid); 0 runs whole."""
+    H, W = x.shape[-2:]
+    if tile <= 0 or (H <= tile and W <= tile):
+        return fn(x)
+    if tile % down or halo % down:
+        raise ValueError(f"tile {tile} and halo {halo} must be multiples of {down}")
+    out = None
+    for i0 in range(0, H, tile):
+        for j0 in range(0, W, tile):
+            i1, j1 = min(i0 + tile, H), min(j0 + tile, W)
+            a, b = max(0, i0 - halo), max(0, j0 - halo)
+            y = fn(x[..., a : min(H, i1 + halo), b : min(W, j1 + halo)])
+            if out is None:
+                out = y.new_empty(*y.shape[:2], H * up // down, W * up // down)
+            out[..., i0 * up // down : i1 * up // down, j0 * up // down : j1 * up // down] = y[
+                ..., (i0 - a) * up // down : (i1 - a) * up // down, (j0 - b) * up // down : (j1 - b) * up // down
+            ]
+            del y
+    return out
+
+
 class VAEAnalysis(nn.Module):
     """Pretrained VAE encoder, then a learned per-channel gain: y = gain * scaling * E(x).
 
@@ -426,6 +479,8 @@ SCORE_BITS = 24  # softmax: fraction bits kept of a score difference before it i
 SCALE_BITS = 24  # attention: fraction bits of the integer score scale (1 / sqrt(head width))
 WEIGHT_SUM_BITS = 32  # attention: a row's exp weights are shifted down until they sum below 2**32
 ATTENTION_CHUNK = 2**23  # attention: score elements per chunk of queries (memory stays bounded: 64 MB a tensor)
+CONV_CHUNK = 2**23  # convolutions: float64 intermediate elements per block of rows (64 MB)
+CHANNEL_CHUNK = 16  # the U-Net's input layer: revealed latent channels convolved at a time
 
 
 def _decimal_table(fn, xs) -> torch.Tensor:
@@ -517,6 +572,11 @@ def _shift(q: torch.Tensor, s) -> torch.Tensor:
     return ((q << left) + half) >> right
 
 
+def _shift_(q: torch.Tensor, s: int) -> torch.Tensor:
+    """``_shift`` in place (an int ``s``): q itself, rounded."""
+    return q.bitwise_left_shift_(-s) if s <= 0 else q.add_(1 << (s - 1)).bitwise_right_shift_(s)
+
+
 def _div(a: torch.Tensor, b) -> torch.Tensor:
     """a / b rounded (half up), integers, b > 0."""
     return torch.div(2 * a + b, 2 * b, rounding_mode="floor")
@@ -561,38 +621,65 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
-def _integer_conv(x: torch.Tensor, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """A convolution (or transposed convolution) of integer-valued float64 tensors (``layer`` gives
-    kernel, stride and padding), exact: gathers (unfold), exact products (``_matmul``) and, for a
-    transposed convolution, integer sums of the overlaps (fold). No convolution algorithm of a
-    backend is involved, so no process-wide flag (cuDNN's, oneDNN's) can change a value. A 3x3
-    stride-1 convolution that narrows the channels is one product of the nine taps followed by
-    shifted additions: no im2col buffer (4-5x faster for the U-Net's input layer)."""
+def _conv_rows(x: torch.Tensor, weight: torch.Tensor, k: tuple, s: tuple, p: tuple) -> torch.Tensor:
+    """``_integer_conv``'s convolution on one block of rows (float64 in and out)."""
     B, C, H, W = x.shape
-    weight = weight.to(x.dtype)
-    if isinstance(layer, nn.ConvTranspose2d):  # weight (C, O, kh, kw): each input scatters a kernel-sized patch
+    O, (kh, kw), (sh, sw), (ph, pw) = weight.shape[0], k, s, p
+    out_h, out_w = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+        return _matmul(weight.reshape(O, C), x.reshape(B, C, H * W)).view(B, O, H, W)
+    if (sh, sw) == (1, 1) and C >= 2 * O:  # one product of all taps, then shifted additions
+        taps = _matmul(weight.permute(2, 3, 0, 1).reshape(kh * kw * O, C), x.reshape(B, C, H * W)).view(B, kh, kw, O, H, W)
+        out = x.new_zeros(B, O, out_h, out_w)
+        for dy in range(kh):
+            for dx in range(kw):  # out[i, j] += tap(dy, dx)[i + dy - ph, j + dx - pw] where that is inside
+                i0, i1, j0, j1 = max(0, ph - dy), min(out_h, H + ph - dy), max(0, pw - dx), min(out_w, W + pw - dx)
+                out[:, :, i0:i1, j0:j1] += taps[:, dy, dx, :, i0 + dy - ph : i1 + dy - ph, j0 + dx - pw : j1 + dx - pw]
+        return out
+    cols = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # (B, C*kh*kw, L)
+    return _matmul(weight.reshape(O, -1), cols).view(B, O, out_h, out_w)
+
+
+def _integer_conv(x: torch.Tensor, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """A convolution (or transposed convolution) of integer-valued tensors (``layer`` gives kernel,
+    stride and padding) -> int64, exact: gathers (unfold), exact products (``_matmul``) on float64
+    and, for a transposed convolution, integer sums of the overlaps (fold). No convolution algorithm
+    of a backend is involved, so no process-wide flag (cuDNN's, oneDNN's) can change a value. A
+    stride-1 convolution that narrows the channels is one product of all taps followed by shifted
+    additions: no im2col buffer (4-5x faster for the U-Net's input layer). Blocks of rows keep every
+    float64 intermediate below ``CONV_CHUNK`` elements, so memory stays bounded at any size."""
+    B, C, H, W = x.shape
+    weight = weight.double()
+    if isinstance(layer, nn.ConvTranspose2d):  # weight (C, O, kh, kw): each input row scatters kh output rows
         O, (kh, kw), (sh, sw), (ph, pw) = weight.shape[1], layer.kernel_size, layer.stride, layer.padding
         out_h = (H - 1) * sh - 2 * ph + kh + layer.output_padding[0]
         out_w = (W - 1) * sw - 2 * pw + kw + layer.output_padding[1]
-        cols = _matmul(weight.reshape(C, O * kh * kw).t(), x.reshape(B, C, H * W))  # (B, O*kh*kw, H*W)
-        return F.fold(cols, (out_h, out_w), (kh, kw), padding=(ph, pw), stride=(sh, sw))
-    O, kh, kw = weight.shape[0], *layer.kernel_size
-    (sh, sw), (ph, pw) = layer.stride, layer.padding
-    if (kh, kw, sh, sw, ph, pw) == (3, 3, 1, 1, 1, 1) and C >= 2 * O:
-        taps = _matmul(weight.permute(2, 3, 0, 1).reshape(9 * O, C), x.reshape(B, C, H * W)).view(B, 3, 3, O, H, W)
-        out = taps[:, 1, 1].clone()
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                if dy or dx:
-                    out[:, :, max(0, -dy) : H - max(0, dy), max(0, -dx) : W - max(0, dx)] += taps[
-                        :, dy + 1, dx + 1, :, max(0, dy) : H - max(0, -dy), max(0, dx) : W - max(0, -dx)
-                    ]
+        out = torch.zeros(B, O, out_h, out_w, dtype=torch.long, device=x.device)
+        rows = max(1, CONV_CHUNK // (B * O * kh * kw * W))
+        for i0 in range(0, H, rows):  # input rows i0..i1-1 reach output rows i0 sh - ph .. (i1 - 1) sh - ph + kh - 1
+            xs = x[:, :, i0 : i0 + rows].double()
+            n = xs.shape[2]
+            cols = _matmul(weight.reshape(C, O * kh * kw).t(), xs.reshape(B, C, n * W))  # (B, O*kh*kw, n*W)
+            part = F.fold(cols, ((n - 1) * sh + kh, out_w), (kh, kw), padding=(0, pw), stride=(sh, sw))
+            del cols
+            top = i0 * sh - ph
+            a, b = max(0, top), min(out_h, top + part.shape[2])
+            out[:, :, a:b] += part[:, :, a - top : b - top].long()
         return out
+    O, k, s, p = weight.shape[0], layer.kernel_size, layer.stride, layer.padding
+    (kh, kw), (sh, sw), (ph, pw) = k, s, p
     out_h, out_w = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    if (kh, kw, sh, sw) == (1, 1, 1, 1) and (ph, pw) == (0, 0):
-        return _matmul(weight.reshape(O, C), x.reshape(B, C, H * W)).view(B, O, H, W)
-    cols = F.unfold(x, (kh, kw), padding=(ph, pw), stride=(sh, sw))  # (B, C*kh*kw, L)
-    return _matmul(weight.reshape(O, -1), cols).view(B, O, out_h, out_w)
+    per_row = B * max(O, (O if sh == sw == 1 and C >= 2 * O else C) * kh * kw) * W
+    rows = max(1, CONV_CHUNK // per_row)
+    if rows >= out_h:
+        return _conv_rows(x.double(), weight, k, s, p).long()
+    out = torch.empty(B, O, out_h, out_w, dtype=torch.long, device=x.device)
+    for r0 in range(0, out_h, rows):  # output rows r0..r1-1 read input rows r0 sh - ph .. (r1 - 1) sh - ph + kh - 1
+        r1 = min(out_h, r0 + rows)
+        lo, hi = r0 * sh - ph, (r1 - 1) * sh - ph + kh
+        xs = F.pad(x[:, :, max(0, lo) : min(H, hi)].double(), (0, 0, max(0, -lo), max(0, hi - H)))  # zeros: the padding
+        out[:, :, r0:r1] = _conv_rows(xs, weight, k, s, (0, pw)).long()
+    return out
 
 
 def _sum_terms(layer: nn.Module) -> int:
@@ -912,21 +999,22 @@ class _IntOps:
         self.cache = {} if cache is None else cache  # what is the same at every step of one chain
 
     def _finish(self, acc, p):
+        """round((acc + bias) * 2**-shift), clamped: in place on ``acc`` (a fresh sum)."""
         if p["left"] is not None:
-            acc = acc << p["left"]
+            acc.bitwise_left_shift_(p["left"])
         bias = p["bias_half"]
         if p.get("time"):  # (T, C, 1, 1): each image's step
             bias = bias[self.rows]
-        return ((acc + bias) >> p["right"]).clamp(-ACT_MAX, ACT_MAX), p["f_out"]
+        return acc.add_(bias).bitwise_right_shift_(p["right"]).clamp_(-ACT_MAX, ACT_MAX), p["f_out"]
 
     def conv(self, name, x, layer, time=None):
         q, f = x
         p = self.ex.convs[name]
         assert f == p["f_in"], f"{name}: input exponent {f}, the tables were built for {p['f_in']}"
         if name == "unet.conv_in" and self.first_acc is not None:
-            acc = self.first_acc
+            acc = self.first_acc.clone()  # it may be the chain's cached sum
         else:
-            acc = _integer_conv(q.double(), p["weight"], layer).long()
+            acc = _integer_conv(q, p["weight"], layer)
         return self._finish(acc, p)
 
     def linear(self, name, x, layer, cached=False):
@@ -1207,7 +1295,7 @@ class ExactPrior(nn.Module):
         q = torch.round(z_hat.double() * _pow2(f)).long().clamp(-ACT_MAX, ACT_MAX)
         out, _ = _walk_hyper(_IntOps(self), h_s, (q, f))
         sigma0, mu0 = out.chunk(2, dim=1)
-        return mu0, sigma0.clamp(min=self.scale_floor)
+        return mu0.clone(), sigma0.clamp(min=self.scale_floor)  # two tensors, not views of one
 
     def log(self, s: torch.Tensor) -> torch.Tensor:
         """ln(s * 2**-f_latent) at LOG_BITS for positive int64 s (exponent by frexp, mantissa table)."""
@@ -1241,9 +1329,10 @@ class ExactPrior(nn.Module):
         """Scale-table index of each log-scale: the number of thresholds below it."""
         return torch.searchsorted(self.thresholds, log_scale.contiguous(), right=False)
 
-    def predict(self, unet, adapter, state, known, rows, mu0, sigma0, log_sigma0, cache: dict | None = None):
+    def predict(self, unet, adapter, state, known, rows, mu0, sigma0, log_sigma0, cache: dict | None = None, denoise: bool = False):
         """One U-Net pass on the partly revealed latent (int64 at f_latent; ``rows`` (B,) the step
-        of each image) -> (means at f_latent, log-scales at LOG_BITS, mean shift a at f_latent).
+        of each image) -> (means at f_latent, log-scales at LOG_BITS); with ``denoise``, the mean
+        shift a at f_latent instead (the denoising step).
 
         The input layer's sums are split, exactly (integer sums): the hyperprior's half of the
         input is the same at every step (kept in ``cache``, with the adapter's cross-attention
@@ -1258,21 +1347,27 @@ class ExactPrior(nn.Module):
             return torch.cat([_shift(mu0, f - exponent), _shift(log_sigma0, LOG_BITS - exponent)], dim=1).clamp(-ACT_MAX, ACT_MAX)
 
         if "hyperprior" not in cache:
-            cache["hyperprior"] = _integer_conv(hyperprior(fi).double(), weight[:, 2 * M :], layer).long()
+            cache["hyperprior"] = _integer_conv(hyperprior(fi), weight[:, 2 * M :], layer)
         if adapter is not None and "context" not in cache:
             fa = self.exponents["adapter.in"]
             cache["context"] = _walk_adapter(_IntOps(self), adapter, (hyperprior(fa), fa))
         acc = cache["hyperprior"]
-        active = known.flatten(2).any(2).any(0).nonzero().flatten()  # channels with something revealed
-        if len(active):
-            innovation = torch.where(known, _div((state - mu0) << fi, sigma0), torch.zeros_like(state))
-            x = torch.cat([innovation[:, active], known[:, active].long() << fi], dim=1).clamp(-ACT_MAX, ACT_MAX)
-            acc = acc + _integer_conv(x.double(), weight[:, torch.cat([active, active + M])], layer).long()
+        active = known.flatten(2).any(2).any(0).nonzero().flatten()  # channels with something revealed: only they are convolved
+        for c in active.split(CHANNEL_CHUNK) if len(active) else ():  # a few channels at a time: exact in any order
+            s0 = sigma0[:, c]  # (state - mu0) / sigma0 where known, 0 elsewhere (``_div``, rounded half up)
+            innovation = (state[:, c] - mu0[:, c]).bitwise_left_shift_(fi).mul_(2).add_(s0)
+            innovation.div_(s0.mul_(2), rounding_mode="floor").masked_fill_(~known[:, c], 0)
+            x = torch.cat([innovation, known[:, c].long() << fi], dim=1).clamp_(-ACT_MAX, ACT_MAX)
+            acc = acc + _integer_conv(x, weight[:, torch.cat([c, c + M])], layer)
+            del s0, innovation, x
         ops = _IntOps(self, rows, first_acc=acc, cache=cache)
         out, fo = _walk_unet(ops, unet, (None, fi), cache.get("context"))
         shift, log_factor = out.chunk(2, dim=1)
-        means = (mu0 + _shift(sigma0 * shift, fo)).clamp(-ACT_MAX, ACT_MAX)
-        return means, log_sigma0 + _shift(log_factor, fo - LOG_BITS), _shift(shift, fo - f)
+        if denoise:
+            return _shift(shift, fo - f)
+        means = _shift_(sigma0 * shift, fo).add_(mu0).clamp_(-ACT_MAX, ACT_MAX)
+        log_scales = _shift_(log_factor.clone(), fo - LOG_BITS).add_(log_sigma0)
+        return means, log_scales  # not views of ``out``: it is freed here
 
 
 class _ShapeOps:
@@ -1461,6 +1556,12 @@ class DiffusionHyperprior(CompressionModel):
         unet_factor = 2 ** (len(unet.config.block_out_channels) - 1) if unet is not None else 1
         self.pad_multiple = latent_factor * max(HYPER_FACTOR, unet_factor)
         self.latent_factor = latent_factor
+        # compress / decompress: analysis and synthesis in tiles of ``tile`` pixels (0: whole), when
+        # they are local (receptive_halo: the halos, rounded up to the stride grid)
+        self.tile = TILE
+        halo_a, halo_s = receptive_halo(analysis), receptive_halo(synthesis)
+        self.halo_a = None if halo_a is None else -(-halo_a // latent_factor) * latent_factor
+        self.halo_s = halo_s
         # timestep of reverse step k (k groups known), k = 0..S: from the start of the covered
         # part of the schedule (nothing known) down to 0 (everything known: the denoising step)
         S = config.diffusion_steps
@@ -1751,7 +1852,7 @@ class DiffusionHyperprior(CompressionModel):
             if self.inference_steps:
                 rows = torch.full((B,), k, device=mu0.device)
                 known = (groups < k).expand(B, M, h, w)
-                means, log_scales, _ = ex.predict(self.unet, self.adapter, state, known, rows, mu0, sigma0, log_sigma0, cache)
+                means, log_scales = ex.predict(self.unet, self.adapter, state, known, rows, mu0, sigma0, log_sigma0, cache)
             if residual:
                 indexes = ex.indexes(log_scales[:, selected] - log_step[selected])
                 symbols = code_group(k, selected, means[:, selected], indexes, step[selected])
@@ -1761,12 +1862,26 @@ class DiffusionHyperprior(CompressionModel):
         if self.inference_steps and residual and self.latent_denoise:
             rows = torch.full((B,), self.inference_steps, device=mu0.device)
             everything = torch.ones_like(state, dtype=torch.bool)
-            state = state + ex.predict(self.unet, self.adapter, state, everything, rows, mu0, sigma0, log_sigma0, cache)[2]
+            state = state + ex.predict(self.unet, self.adapter, state, everything, rows, mu0, sigma0, log_sigma0, cache, denoise=True)
         return state
 
+    def analyze(self, x: torch.Tensor) -> torch.Tensor:
+        """The picture (B, 3, H, W) -> the latent y (B, M, h, w), in tiles of ``tile`` pixels when
+        g_a is local (the untiled y up to float rounding, memory bounded at any size)."""
+        x = self._pad(x)
+        if self.halo_a is None:
+            return self.g_a(x).float()
+        tile = -(-self.tile // self.latent_factor) * self.latent_factor
+        return run_tiled(lambda t: self.g_a(t).float(), x, tile, self.halo_a, down=self.latent_factor)
+
     def synthesize(self, y_hat: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The decoded latent -> the picture (B, 3, height, width) in [0, 1]."""
-        return self.g_s(y_hat)[..., :height, :width].clamp(0, 1)
+        """The decoded latent -> the picture (B, 3, height, width) in [0, 1], in tiles of ``tile``
+        pixels when g_s is local."""
+        if self.halo_s is None:
+            return self.g_s(y_hat)[..., :height, :width].clamp(0, 1)
+        tile = -(-self.tile // self.latent_factor)
+        x_hat = run_tiled(lambda t: self.g_s(t).clamp_(0, 1), y_hat, tile, self.halo_s, up=self.latent_factor)
+        return x_hat[..., :height, :width]
 
     def _latent(self, y_q: torch.Tensor) -> torch.Tensor:
         return (y_q.double() * _pow2(-self.exact.f_latent)).float()
@@ -1778,7 +1893,7 @@ class DiffusionHyperprior(CompressionModel):
         A variable-rate model takes ``quality`` (in [1, levels]; it codes at ``quality_code``'s)."""
         quality_code = self.quality_code(quality)
         height, width = x.shape[-2:]
-        y = self.g_a(self._pad(x)).float()
+        y = self.analyze(x)
         z = self.h_a(y)
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
@@ -2214,9 +2329,10 @@ def convert_checkpoint(src: str | Path, dst: str | Path, data: str | Path, count
 # ---- Bitstream file ----
 
 MAGIC = b"BKSD"
-FORMAT_VERSION = 4  # 1: the Gaussian DDIM prior's files; 2: the float entropy model's; 3: without quality
-_HEADER = struct.Struct(">4sBB8sIIHB8sH4s")  # magic, version, mode, model id, height, width, steps, strings, latent digest, quality, z digest
-_HEADER_3 = struct.Struct(">4sBB8sIIHB8s")  # format 3: no quality (fixed rate), still read
+FORMAT_VERSION = 5  # 1: the Gaussian DDIM prior's files; 2: the float entropy model's; 3: without quality; 4: without flags
+_HEADER = struct.Struct(">4sBB8sIIHB8sH4sB")  # magic, version, mode, model id, height, width, steps, strings, latent digest, quality, z digest, flags
+_LAYOUTS = {3: struct.Struct(">4sBB8sIIHB8s"), 4: struct.Struct(">4sBB8sIIHB8sH4s"), FORMAT_VERSION: _HEADER}  # older formats, still read
+GREY = 1  # flags: the picture is greyscale (coded as three equal channels, decoded to one)
 NO_QUALITY = 0xFFFF  # the quality field of a fixed-rate model's file
 _LENGTH = struct.Struct(">I")
 _CRC = struct.Struct(">I")
@@ -2237,6 +2353,7 @@ class Header:
     digest: bytes = bytes(8)  # ``latent_digest`` of the decoded latent
     quality_code: int | None = None  # variable rate: ``DiffusionHyperprior.quality_code`` of the quality coded at
     z_digest: bytes | None = None  # ``hyper_digest`` of the decoded hyper-latent (format 4): checked before y is decoded
+    grey: bool = False  # a greyscale picture (format 5)
 
     @property
     def quality(self) -> float | None:
@@ -2249,6 +2366,7 @@ def write_bitstream(header: Header, strings: list[bytes]) -> bytes:
         MAGIC, FORMAT_VERSION, MODES.index(header.mode), header.model_id,
         header.height, header.width, header.diffusion_steps, len(strings), header.digest,
         NO_QUALITY if header.quality_code is None else header.quality_code, header.z_digest or bytes(4),
+        GREY if header.grey else 0,
     )  # fmt: skip
     body += b"".join(_LENGTH.pack(len(s)) + s for s in strings)
     return body + _CRC.pack(zlib.crc32(body))
@@ -2261,10 +2379,10 @@ def read_bitstream(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[H
     if len(data) < len(MAGIC) or data[: len(MAGIC)] != MAGIC:
         raise BitstreamError("not a bk_sdm_compression file (wrong magic bytes)")
     version = data[len(MAGIC)] if len(data) > len(MAGIC) else None
-    if version not in (3, FORMAT_VERSION):
+    if version not in _LAYOUTS:
         hint = " (made with the float entropy model: encode the image again)" if version == 2 else ""
-        raise BitstreamError(f"format version {version} is not supported{hint}; this reader knows 3 and {FORMAT_VERSION}")
-    layout = _HEADER if version == FORMAT_VERSION else _HEADER_3
+        raise BitstreamError(f"format version {version} is not supported{hint}; this reader knows 3 to {FORMAT_VERSION}")
+    layout = _LAYOUTS[version]
     if len(data) < layout.size + _CRC.size:
         raise BitstreamError(f"the file is truncated ({len(data)} bytes, shorter than the header)")
     (crc,) = _CRC.unpack(data[-_CRC.size :])
@@ -2272,8 +2390,11 @@ def read_bitstream(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[H
     _, version, mode, model_id, height, width, steps, count, digest, *extra = layout.unpack(body[: layout.size])
     quality_code = extra[0] if extra and extra[0] != NO_QUALITY else None
     z_digest = extra[1] if extra else None
+    flags = extra[2] if len(extra) > 2 else 0
     if zlib.crc32(body) != crc:
         raise BitstreamError("checksum mismatch: the file is truncated or corrupted")
+    if flags & ~GREY:
+        raise BitstreamError(f"unknown flags {flags:#04x} in header")
     if mode >= len(MODES):
         raise BitstreamError(f"unknown mode {mode} in header")
     if height == 0 or width == 0 or height * width > max_pixels:
@@ -2290,7 +2411,7 @@ def read_bitstream(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[H
         pos += n
     if pos != len(body):
         raise BitstreamError(f"{len(body) - pos} unexpected bytes after the strings")
-    return Header(MODES[mode], model_id, height, width, steps, digest, quality_code, z_digest), strings
+    return Header(MODES[mode], model_id, height, width, steps, digest, quality_code, z_digest, bool(flags & GREY)), strings
 
 
 @torch.no_grad()
@@ -2298,26 +2419,32 @@ def encode_image(
     model: DiffusionHyperprior, x: torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS, model_id: bytes | None = None,
     quality: float | None = None, reconstruct: bool = False,
 ) -> bytes | tuple[bytes, torch.Tensor]:  # fmt: skip
-    """One image (3, H, W) in [0, 1] -> the bytes of a file (and, with ``reconstruct``, the picture
-    its decoder will show). Variable-rate models take ``quality``. Pass ``model_id`` (the model's
-    ``fingerprint()``) when coding many images, to hash the weights once."""
+    """One image in [0, 1], RGB (3, H, W) or greyscale (1, H, W: coded as three equal channels, the
+    file says so) -> the bytes of a file (and, with ``reconstruct``, the picture its decoder will
+    show). Variable-rate models take ``quality``. Pass ``model_id`` (the model's ``fingerprint()``)
+    when coding many images, to hash the weights once."""
     height, width = x.shape[-2:]
+    if x.dim() != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"an image is (3, H, W) or (1, H, W), not {tuple(x.shape)}")
     if height * width > max_pixels:
         raise BitstreamError(f"the image has {width}x{height} pixels, over the limit of {max_pixels}")
-    out = model.compress(x.unsqueeze(0).to(next(model.parameters()).device), quality)
+    grey = x.shape[0] == 1
+    out = model.compress(x.expand(3, height, width).unsqueeze(0).to(next(model.parameters()).device), quality)
     header = Header(model.config.mode, model_id or model.fingerprint(), height, width, model.inference_steps,
-                    out["digests"][0], model.quality_code(quality), out["z_digests"][0])  # fmt: skip
+                    out["digests"][0], model.quality_code(quality), out["z_digests"][0], grey)  # fmt: skip
     data = write_bitstream(header, [s[0] for s in out["strings"]])
     if not reconstruct:
         return data
-    return data, model.synthesize(out["y_hat"], height, width)[0]
+    x_hat = model.synthesize(out["y_hat"], height, width)[0]
+    return data, x_hat.mean(0, keepdim=True) if grey else x_hat
 
 
 @torch.no_grad()
 def decode_image(
     model: DiffusionHyperprior, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, model_id: bytes | None = None
 ) -> torch.Tensor:
-    """The bytes of a file -> the image (3, H, W) in [0, 1]."""
+    """The bytes of a file -> the image in [0, 1]: (3, H, W), or (1, H, W) for a greyscale one
+    (the mean of the decoded channels)."""
     header, strings = read_bitstream(data, max_pixels)
     model_id = model_id or model.fingerprint()
     if header.model_id != model_id:
@@ -2341,7 +2468,8 @@ def decode_image(
         )
     z_digests = None if header.z_digest is None else [header.z_digest]
     out = model.decompress([[s] for s in strings], (header.height, header.width), header.quality, z_digests, [header.digest])
-    return out["x_hat"][0]
+    x_hat = out["x_hat"][0]
+    return x_hat.mean(0, keepdim=True) if header.grey else x_hat
 
 
 @dataclass

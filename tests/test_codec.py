@@ -512,7 +512,7 @@ def test_header_records_mode_size_and_steps(coded):
     _, good = coded
     header, strings = bk.read_bitstream(good)
     assert (header.mode, header.height, header.width, header.diffusion_steps) == ("residual", 40, 40, 4)
-    assert len(strings) == 5 and len(good) == 4 + 1 + 1 + 8 + 4 + 4 + 2 + 1 + 8 + 2 + 4 + sum(4 + len(s) for s in strings) + 4
+    assert len(strings) == 5 and len(good) == 4 + 1 + 1 + 8 + 4 + 4 + 2 + 1 + 8 + 2 + 4 + 1 + sum(4 + len(s) for s in strings) + 4
     assert header.quality_code is None and len(header.z_digest) == 4  # fixed rate; the hyper-latent's digest
 
 

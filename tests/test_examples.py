@@ -2,6 +2,7 @@
 
 import sys
 
+import bk_sdm_compression as bk
 from conftest import ROOT, write_image
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -30,11 +31,11 @@ def test_evaluate_example_on_a_trained_checkpoint(image_dir, tmp_path):
              "--diffusion_steps", "2", "--unet_channels", "8", "--image_size", "64", "--val_image_size", "64",
              "--batch_size", "2", "--epochs", "1", "--num_workers", "0", "--no-progress"])  # fmt: skip
     result = evaluate_example.main(["--checkpoint", str(tmp_path / "run" / "best_checkpoint.pth"), "--data_path", str(image_dir)])
-    # real bytes: at least the estimate; on 72x80 px the file's fixed bytes are most of it (header 39,
+    # real bytes: at least the estimate; on 72x80 px the file's fixed bytes are most of it (header 40,
     # CRC 4, per string a 4-byte length, a 4-byte coder flush and up to 3 bytes of word padding)
     pixels = 72 * 80
     strings = 3  # two revealed groups of the latent, then z: each a 4-byte length and the coder's flush
-    fixed = 39 + 4 + strings * (4 + 7)
+    fixed = bk._HEADER.size + 4 + strings * (4 + 7)
     assert result["bpp_estimate"] * 0.95 <= result["bpp"] <= result["bpp_estimate"] + 8 * (fixed + 2) / pixels
 
 

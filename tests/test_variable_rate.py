@@ -44,7 +44,7 @@ def checkpoint(tmp_path_factory, model):
 
 def rewrite_quality(data: bytes, code: int) -> bytes:
     """The file with another quality in its header, its CRC made valid again."""
-    at = bk._HEADER.size - 6  # the quality, then the z digest (4 bytes)
+    at = bk._HEADER.size - 7  # the quality, then the z digest (4 bytes) and the flags (1)
     body = data[:at] + code.to_bytes(2, "big") + data[at + 2 : -4]
     return body + bk._CRC.pack(zlib.crc32(body))
 
