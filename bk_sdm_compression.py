@@ -2539,20 +2539,29 @@ def encode_to_target(
 # ---- Command line ----
 
 
+SUFFIXES = {"compress": ".bksd", "decompress": ".png"}  # what --output_dir writes for each input
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("compress", "image file -> compressed file"), ("decompress", "compressed file -> PNG")):
+    for name, help_text in (("compress", "image file(s) -> compressed file(s)"), ("decompress", "compressed file(s) -> PNG")):
         p = sub.add_parser(name, help=help_text, formatter_class=fmt)
-        p.add_argument("input", help="image to compress" if name == "compress" else "compressed file")
-        p.add_argument("output", help="compressed file to write" if name == "compress" else "PNG to write")
+        what = "image" if name == "compress" else "compressed file"
+        p.add_argument("paths", nargs="+", metavar="PATH",
+                       help=f"{what} and the file to write (IN OUT), or with --output_dir any number of {what}s")
+        p.add_argument("--output_dir", default=None,
+                       help=f"write DIR/<stem>{SUFFIXES[name]} for every input (the model loads once)")
         p.add_argument("--checkpoint", required=True, help="codec checkpoint from train_bk_sdm_compression.py")
         p.add_argument("--device", default="cpu", help="torch device (decode on the device that encoded)")
         p.add_argument("--bk_sdm_path", default=None, help="where the pretrained BK-SDM parts are, if not where the checkpoint says")
         p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image (pixels) accepted")
+        p.add_argument("--tile", type=int, default=TILE,
+                       help="analysis and synthesis in tiles of this many pixels a side (memory bounded at any size); 0: whole")
         p.add_argument("--diffusion_steps", type=int, default=None,
                        help="reverse steps, the checkpoint's or 0 (default: the checkpoint's to compress, the file's to decompress)")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar over several inputs")
         if name == "compress":
             rate = p.add_mutually_exclusive_group()
             rate.add_argument("--quality", type=float, default=None, help="variable-rate checkpoint: the quality, a real number from 1 (smallest files) to its level count")
@@ -2571,64 +2580,129 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.command == "convert":
         if args.crops < 1 or args.crop_size < 64:
             parser.error("--crops must be >= 1 and --crop_size >= 64")
-    elif args.max_pixels < 1 or (args.diffusion_steps is not None and args.diffusion_steps < 0):
-        parser.error("--max_pixels must be >= 1 and --diffusion_steps >= 0")
-    elif args.command == "compress":
+        return args
+    if args.max_pixels < 1 or args.tile < 0 or (args.diffusion_steps is not None and args.diffusion_steps < 0):
+        parser.error("--max_pixels must be >= 1, --tile and --diffusion_steps >= 0")
+    if args.output_dir is None and len(args.paths) != 2:
+        parser.error(f"give IN OUT, or inputs and --output_dir DIR ({len(args.paths)} paths given)")
+    if args.output_dir is not None:
+        stems = collections.Counter(Path(p).stem for p in args.paths)
+        if max(stems.values()) > 1:
+            parser.error(f"two inputs would write the same file in --output_dir: {', '.join(s for s, n in stems.items() if n > 1)}")
+    if args.command == "compress":
         if args.max_encodes < 1 or any(v is not None and v <= 0 for v in (args.quality, args.target_bpp, args.target_size, args.target_psnr)):
             parser.error("--quality, --target_bpp, --target_size, --target_psnr and --max_encodes must be > 0")
     return args
 
 
+def _jobs(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """(input, output) of every file the command codes."""
+    if args.output_dir is None:
+        return [(args.paths[0], Path(args.paths[1]))]
+    return [(p, Path(args.output_dir) / (Path(p).stem + SUFFIXES[args.command])) for p in args.paths]
+
+
+def _run_each(args: argparse.Namespace, code_one: Callable) -> dict:
+    """``code_one(src, dst, model) -> (result, model)`` for every job, the model loaded once (by the first
+    job that gets that far: a single bad input fails before it loads). One input: its result, and any error
+    ends the command. Several: a progress bar; a bad input is named in one line and the others are still
+    coded; the command fails at the end if any did."""
+    jobs, model = _jobs(args), None
+    if len(jobs) == 1:
+        return code_one(*jobs[0], model)[0]
+    from tqdm import tqdm
+
+    results, failed = [], []
+    for src, dst in tqdm(jobs, desc=args.command, unit="file", disable=not args.progress, dynamic_ncols=True):
+        try:
+            result, model = code_one(src, dst, model)
+            results.append({"input": src, "output": str(dst)} | result)
+        except (ValueError, lic_common.ImageError, FileNotFoundError, ExactError) as e:
+            _say(f"error: {src}: {e}", sys.stderr)
+            failed.append(src)
+    if failed:
+        raise BatchError(f"{len(failed)} of {len(jobs)} inputs could not be coded (named above); the other {len(results)} were written")
+    return {"files": results}
+
+
+class BatchError(ValueError):
+    """Some inputs of a batch failed (each already named); the others were coded."""
+
+
+def _say(line: str, file=None) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line, file=file)  # above a progress bar, if there is one
+
+
+def _load(args: argparse.Namespace, model: DiffusionHyperprior | None, steps: int | None = None) -> DiffusionHyperprior:
+    if model is None:
+        model, _ = load_codec(args.checkpoint, args.device, args.bk_sdm_path, steps)
+        model.tile = args.tile
+    return model
+
+
 def run_compress(args: argparse.Namespace) -> dict:
-    x = lic_common.load_image(args.input)  # a missing or broken image fails before the model loads
-    height, width = x.shape[-2:]
-    model, _ = load_codec(args.checkpoint, args.device, args.bk_sdm_path, args.diffusion_steps)
-    target = (("size", args.target_size) if args.target_size else ("size", args.target_bpp * height * width / 8) if args.target_bpp
-              else ("psnr", args.target_psnr) if args.target_psnr else None)  # fmt: skip
-    levels = model.config.rate_levels
-    if levels and target is None and args.quality is None:
-        raise ValueError(f"this checkpoint is variable-rate: give --quality (1 to {levels}) or a --target_bpp / --target_size / --target_psnr")
-    start = time.perf_counter()
-    found = None
-    if target is None:
-        data = encode_image(model, x, args.max_pixels, quality=args.quality)
-    else:
-        found = encode_to_target(model, x, *target, max_encodes=args.max_encodes, max_pixels=args.max_pixels)
-        data = found.data
-    seconds = time.perf_counter() - start
-    Path(args.output).write_bytes(data)
-    result = {"bytes": len(data), "bpp": 8 * len(data) / (height * width), "encode_seconds": seconds}
-    quality = found.quality if found else args.quality
-    if quality is not None:
-        quality = model.recorded_quality(quality)
-    note = "" if quality is None else f", quality {quality:g}"
-    if found:
-        result |= {"quality": found.quality, "target_met": found.met, "encodes": found.encodes}
-        asked = f"{target[1]:.0f} bytes" if target[0] == "size" else f"{target[1]:g} dB"
-        reached = f"{found.value:.0f} bytes" if target[0] == "size" else f"{found.value:.2f} dB"
-        note += f" ({'reached' if found.met else 'closest this checkpoint reaches to'} {asked}: {reached}, {found.encodes} encodes)"
-    print(f"{args.input} ({width}x{height}) -> {args.output}: {len(data)} bytes, {result['bpp']:.4f} bpp{note}, {seconds:.2f} s")
-    return result | ({"quality": quality} if quality is not None else {})
+    def code_one(src: str, dst: Path, model) -> tuple[dict, DiffusionHyperprior]:
+        x, mode = lic_common.read_image(src)  # a missing or broken image fails before the model loads
+        for note in mode.notes:
+            _say(f"note: {src}: {note}", sys.stderr)
+        x = x[:1] if mode.grey else x
+        height, width = x.shape[-2:]
+        model = _load(args, model, args.diffusion_steps)
+        target = (("size", args.target_size) if args.target_size else ("size", args.target_bpp * height * width / 8) if args.target_bpp
+                  else ("psnr", args.target_psnr) if args.target_psnr else None)  # fmt: skip
+        levels = model.config.rate_levels
+        if levels and target is None and args.quality is None:
+            raise ValueError(f"this checkpoint is variable-rate: give --quality (1 to {levels}) or a --target_bpp / --target_size / --target_psnr")
+        model_id = model.fingerprint()
+        start = time.perf_counter()
+        found = None
+        if target is None:
+            data = encode_image(model, x, args.max_pixels, model_id, quality=args.quality)
+        else:
+            found = encode_to_target(model, x, *target, max_encodes=args.max_encodes, max_pixels=args.max_pixels)
+            data = found.data
+        seconds = time.perf_counter() - start
+        lic_common.write_bytes_atomic(dst, data)
+        result = {"bytes": len(data), "bpp": 8 * len(data) / (height * width), "encode_seconds": seconds}
+        quality = found.quality if found else args.quality
+        if quality is not None:
+            quality = model.recorded_quality(quality)
+        note = "" if quality is None else f", quality {quality:g}"
+        if found:
+            result |= {"quality": found.quality, "target_met": found.met, "encodes": found.encodes}
+            asked = f"{target[1]:.0f} bytes" if target[0] == "size" else f"{target[1]:g} dB"
+            reached = f"{found.value:.0f} bytes" if target[0] == "size" else f"{found.value:.2f} dB"
+            note += f" ({'reached' if found.met else 'closest this checkpoint reaches to'} {asked}: {reached}, {found.encodes} encodes)"
+        grey = ", greyscale" if mode.grey else ""
+        _say(f"{src} ({width}x{height}{grey}) -> {dst}: {len(data)} bytes, {result['bpp']:.4f} bpp{note}, {seconds:.2f} s")
+        return result | ({"quality": quality} if quality is not None else {}), model
+
+    return _run_each(args, code_one)
 
 
 def run_decompress(args: argparse.Namespace) -> dict:
-    data = Path(args.input).read_bytes()
-    header, _ = read_bitstream(data, args.max_pixels)  # a bad file fails before the model is built
-    steps = header.diffusion_steps if args.diffusion_steps is None else args.diffusion_steps
-    model, _ = load_codec(args.checkpoint, args.device, args.bk_sdm_path)
-    if steps != model.inference_steps:
-        try:
-            model.set_inference_steps(steps)
-        except ValueError as e:
-            raise BitstreamError(f"the file was coded with {steps} diffusion steps, which this checkpoint cannot decode: {e}") from None
-    start = time.perf_counter()
-    x_hat = decode_image(model, data, args.max_pixels)
-    seconds = time.perf_counter() - start
-    lic_common.save_image(x_hat, args.output)
-    height, width = x_hat.shape[-2:]
-    note = "" if header.quality is None else f", quality {header.quality:g}"
-    print(f"{args.input} -> {args.output} ({width}x{height}{note}), {seconds:.2f} s")
-    return {"height": height, "width": width, "decode_seconds": seconds, "quality": header.quality}
+    def code_one(src: str, dst: Path, model) -> tuple[dict, DiffusionHyperprior]:
+        data = Path(src).read_bytes()
+        header, _ = read_bitstream(data, args.max_pixels)  # a bad file fails before the model is built
+        steps = header.diffusion_steps if args.diffusion_steps is None else args.diffusion_steps
+        model = _load(args, model)
+        if steps != model.inference_steps:
+            try:
+                model.set_inference_steps(steps)
+            except ValueError as e:
+                raise BitstreamError(f"the file was coded with {steps} diffusion steps, which this checkpoint cannot decode: {e}") from None
+        start = time.perf_counter()
+        x_hat = decode_image(model, data, args.max_pixels)
+        seconds = time.perf_counter() - start
+        lic_common.save_image(x_hat, dst)
+        height, width = x_hat.shape[-2:]
+        note = ("" if header.quality is None else f", quality {header.quality:g}") + (", greyscale" if header.grey else "")
+        _say(f"{src} -> {dst} ({width}x{height}{note}), {seconds:.2f} s")
+        return {"height": height, "width": width, "decode_seconds": seconds, "quality": header.quality, "grey": header.grey}, model
+
+    return _run_each(args, code_one)
 
 
 def run_convert(args: argparse.Namespace) -> dict:

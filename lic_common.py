@@ -245,6 +245,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         f.write(text)
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write a binary file (a compressed picture) atomically."""
+    with _atomic_file(path, "wb") as f:
+        f.write(data)
+
+
 def save_image(x: torch.Tensor, path: str | os.PathLike) -> None:
     """Write a float image in [0, 1], RGB (3, H, W) or greyscale (1, H, W), as an 8-bit PNG (atomically)."""
     arr = to_uint8(x).permute(1, 2, 0).cpu().numpy()

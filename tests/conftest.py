@@ -74,6 +74,8 @@ def write_image(path: Path, size=(40, 56), mode="RGB", seed=0) -> Path:
         img = Image.fromarray(arr)  # uint16 -> mode "I;16"
     elif mode != "RGB":
         img = img.convert(mode)
+    if mode == "RGBA":  # translucent in places
+        img.putalpha(Image.fromarray((base[:, :, 0] * 255).astype(np.uint8)).resize((w, h)))
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path

@@ -1,12 +1,17 @@
 """The diffusion-hyperprior codec: model contract, pretrained loading, bitstream, command line."""
 
+import math
+import struct
 import subprocess
 import sys
 import zlib
 
+import numpy as np
 import pytest
 import skimage.data
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import bk_sdm_compression as bk
@@ -380,21 +385,54 @@ def test_fast_gaussian_conditional_gives_compressais_indexes_and_bytes():
 # ---- images of every kind ----
 
 
-@pytest.mark.parametrize("mode,size", [("RGB", (33, 47)), ("L", (40, 40)), ("RGBA", (35, 20)), ("I;16", (24, 50))])
-def test_image_kinds_roundtrip_through_the_cli(tmp_path, mode, size):
+@pytest.mark.parametrize("mode,size,note", [("RGB", (33, 47), None), ("L", (40, 40), None),
+                                            ("RGBA", (35, 20), "alpha channel is dropped"), ("I;16", (24, 50), "16 bits per channel")])
+def test_image_kinds_roundtrip_through_the_cli(tmp_path, capsys, mode, size, note):
     ckpt = save_ckpt(tiny_model(), tmp_path / "codec.pth")
     src = write_image(tmp_path / "in.png", size, mode=mode)
     x = lic_common.load_image(src)
     assert x.shape == (3, *size) and 0 <= x.min() and x.max() <= 1
     if mode == "I;16":  # full 16-bit range kept, not clipped at 255
         assert x.max() > 0.5
+    grey = mode in ("L", "I;16")
     bk.main(["compress", str(src), str(tmp_path / "a.bin"), "--checkpoint", str(ckpt)])
+    err = capsys.readouterr().err
+    assert (f"note: {src}: " in err and note in err) if note else "note:" not in err  # what is dropped, named once
+    assert bk.read_bitstream((tmp_path / "a.bin").read_bytes())[0].grey == grey
     result = bk.main(["decompress", str(tmp_path / "a.bin"), str(tmp_path / "a.png"), "--checkpoint", str(ckpt)])
-    assert (result["height"], result["width"]) == size
-    with Image.open(tmp_path / "a.png") as out:
-        assert out.size == (size[1], size[0]) and out.mode == "RGB"
+    assert (result["height"], result["width"]) == size and result["grey"] == grey
+    with Image.open(tmp_path / "a.png") as out:  # greyscale comes back greyscale
+        assert out.size == (size[1], size[0]) and out.mode == ("L" if grey else "RGB")
     # written atomically, yet with a normal file's mode (not the temporary file's private 0600)
     assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o666 & ~lic_common._umask()
+
+
+def test_sixteen_bit_colour_is_named_as_read_at_eight_bits(tmp_path):
+    """Pillow reads a 48-bit RGB PNG as 8 bits a channel: the reader says so."""
+    rows = np.random.default_rng(0).integers(0, 65536, (6, 5, 3)).astype(">u2")
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 5, 6, 16, 2, 0, 0, 0))
+    (tmp_path / "rgb48.png").write_bytes(png + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    x, mode = lic_common.read_image(tmp_path / "rgb48.png")
+    assert x.shape == (3, 6, 5) and not mode.grey and any("16 bits per channel" in n for n in mode.notes)
+    assert lic_common.read_image(write_image(tmp_path / "rgb.png", (6, 5)))[1] == lic_common.ImageMode()
+
+
+def test_format_4_files_still_decode(tmp_path):
+    """A file of the format before the flags byte decodes as it did."""
+    model = tiny_model().eval()
+    model.update()
+    x = torch.rand(3, 40, 40)
+    data = bk.encode_image(model, x)
+    body = data[: bk._HEADER.size - 1] + data[bk._HEADER.size : -4]  # no flags byte
+    old = body[:4] + bytes([4]) + body[5:]
+    old += struct.pack(">I", zlib.crc32(old))
+    assert torch.equal(bk.decode_image(model, old), bk.decode_image(model, data))
+    assert bk.decode_image(model, bk.encode_image(model, x[:1])).shape == (1, 40, 40)  # greyscale in, greyscale out
 
 
 def test_decoding_is_deterministic_byte_for_byte(tmp_path):
@@ -585,3 +623,69 @@ def test_a_header_rewritten_to_another_size_is_refused_before_the_latent_is_deco
     monkeypatch.setattr(bk.DiffusionHyperprior, "_exact_chain", lambda *a, **k: chain.append(1))
     _decode_fails(tmp_path, ckpt, bk.write_bitstream(header, strings), "hyper-latent checksum mismatch", capsys)
     assert not chain and not (tmp_path / "out.png").exists()
+
+
+# ---- many images, any size ----
+
+
+def test_several_images_in_one_call_make_the_same_files_and_a_bad_one_is_named(tmp_path, capsys):
+    ckpt = save_ckpt(tiny_model(), tmp_path / "codec.pth")
+    images = [write_image(tmp_path / "in" / f"{n}.png", (40 + 8 * i, 48), seed=i) for i, n in enumerate("abc")]
+    grey = write_image(tmp_path / "in" / "g.png", (40, 40), mode="L")
+    for p in images[:2]:  # one call per image: the reference
+        bk.main(["compress", str(p), str(tmp_path / f"{p.stem}.bksd"), "--checkpoint", str(ckpt)])
+    bad = tmp_path / "in" / "broken.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(SystemExit) as e:
+        bk.main(["compress", *map(str, [images[0], bad, *images[1:], grey]), "--output_dir", str(tmp_path / "out"),
+                 "--checkpoint", str(ckpt), "--no-progress"])  # fmt: skip
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}: cannot decode image" in err and "1 of 5 inputs could not be coded" in err
+    for p in images[:2]:  # the others still coded, byte for byte as alone
+        assert (tmp_path / "out" / f"{p.stem}.bksd").read_bytes() == (tmp_path / f"{p.stem}.bksd").read_bytes()
+    files = sorted((tmp_path / "out").glob("*.bksd"))
+    assert [f.stem for f in files] == ["a", "b", "c", "g"]
+    result = bk.main(["decompress", *map(str, files), "--output_dir", str(tmp_path / "dec"), "--checkpoint", str(ckpt)])
+    assert [r["grey"] for r in result["files"]] == [False, False, False, True]
+    for p in [*images, grey]:
+        with Image.open(tmp_path / "dec" / f"{p.stem}.png") as out, Image.open(p) as src:
+            assert out.size == src.size and out.mode == src.mode
+    with pytest.raises(SystemExit):  # without --output_dir: IN OUT only
+        bk.parse_args(["compress", *map(str, images), "--checkpoint", str(ckpt)])
+    with pytest.raises(SystemExit):  # two inputs that would write one file
+        bk.parse_args(["compress", str(images[0]), str(tmp_path / "x" / "a.png"), "--output_dir", "o", "--checkpoint", "c"])
+
+
+def test_tiled_analysis_and_synthesis_are_the_whole_ones():
+    """Tiles with a halo of the receptive field: the latent and the picture of the untiled
+    transforms up to float rounding, and the same file."""
+    model = tiny_model().eval()
+    model.update(force=True)
+    assert (model.halo_a, model.halo_s) == (32, 4)  # four 5x5 stride-2 layers: 30 pixels, on the 16-pixel grid
+    x, latent = torch.rand(1, 3, 150, 230), torch.randn(1, 16, 10, 15)
+    with torch.no_grad():
+        model.tile = 0
+        y, picture, whole = model.analyze(x), model.synthesize(latent, 160, 240), bk.encode_image(model, x[0])
+        model.tile = 64  # 3 x 4 tiles of the picture, 3 x 4 of the latent
+        assert (model.analyze(x) - y).abs().max() < 1e-5
+        assert 10 * math.log10(1 / (model.synthesize(latent, 160, 240) - picture).pow(2).mean().item()) >= 60
+        assert bk.encode_image(model, x[0]) == whole
+    assert bk.receptive_halo(model.unet) is None  # GroupNorm sees everything: never tiled
+
+
+def test_exact_convolutions_in_blocks_of_rows_are_the_whole_ones(monkeypatch):
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(64, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 2, 1), nn.Conv2d(8, 16, 1), nn.Conv2d(8, 8, 5, 1, 2),
+              nn.ConvTranspose2d(8, 6, 5, 2, 2, 1), nn.Conv2d(16, 4, 5, 2, 2)]  # fmt: skip
+    for layer in layers:
+        x = torch.randint(-1000, 1000, (2, layer.in_channels, 23, 17))
+        w = torch.randint(-100, 100, layer.weight.shape).float()
+        if isinstance(layer, nn.ConvTranspose2d):
+            ref = F.conv_transpose2d(x.double(), w.double(), None, layer.stride, layer.padding, layer.output_padding)
+        else:
+            ref = F.conv2d(x.double(), w.double(), None, layer.stride, layer.padding)
+        for chunk in (2**23, 500, 1):  # whole, a few rows, one row at a time
+            monkeypatch.setattr(bk, "CONV_CHUNK", chunk)
+            out = bk._integer_conv(x, w, layer)
+            assert out.dtype == torch.long and torch.equal(out, ref.long()), (layer, chunk)
