@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 import bk_sdm_compression as bk
 import lic_common
@@ -313,7 +314,9 @@ def evaluate(codecs: list[Codec], files: list[Path], args: argparse.Namespace, d
     """Measure every codec on every image; batches of same-size images for the estimates."""
     images = {p: lic_common.load_image(p) for p in files}
     results = []
+    bar = tqdm(total=len(codecs) * len(images), unit="image", disable=not args.progress, dynamic_ncols=True)
     for codec in codecs:
+        bar.set_description(f"{codec.label} {codec.point}")
         estimates = {}
         by_size: dict[tuple, list[Path]] = {}
         for p, x in images.items():
@@ -347,14 +350,16 @@ def evaluate(codecs: list[Codec], files: list[Path], args: argparse.Namespace, d
                                        t_enc, t_dec, peak_memory_mb(device), matches, bpp_table))  # fmt: skip
             if args.save_samples:
                 save_samples(Path(args.output_dir) / "samples" / codec.label / codec.point.replace("/", "_"), p.stem, x, x_hat)
+            bar.update()
         if mismatched:  # the float forward (the estimate) against the file's exact integer entropy model
-            print(f"note: {codec.label} {codec.point}: on {len(mismatched)} of {len(images)} images decompress(compress(x)) "
+            tqdm.write(f"note: {codec.label} {codec.point}: on {len(mismatched)} of {len(images)} images decompress(compress(x)) "
                   f"differs from the float forward pass, in at most {max(f for f, _ in mismatched):.3%} of the values, "
                   f"by at most {max(d for _, d in mismatched)} / 255")  # fmt: skip
         point = [r for r in results if (r.curve, r.point) == (codec.label, codec.point)]
-        print(f"{codec.label:>24} {codec.point:<28} bpp {np.mean([r.bpp for r in point]):.4f} "
+        tqdm.write(f"{codec.label:>24} {codec.point:<28} bpp {np.mean([r.bpp for r in point]):.4f} "
               f"(est. {np.mean([r.bpp_estimate for r in point]):.4f})  PSNR {np.mean([r.psnr for r in point]):.2f} dB  "
               f"MS-SSIM {np.mean([r.ms_ssim for r in point]):.4f}")  # fmt: skip
+    bar.close()
     return results
 
 
@@ -513,6 +518,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output_dir", default="./evaluation_results", help="where results go")
     p.add_argument("--batch_size", type=int, default=2, help="images per forward pass for the likelihood estimate")
     p.add_argument("--save_samples", action=argparse.BooleanOptionalAction, default=False, help="save original, reconstruction and error map per image")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar over curves and images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     args = p.parse_args(argv)

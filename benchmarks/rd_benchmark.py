@@ -278,7 +278,7 @@ def evaluate_cached(codecs: list[tuple[ev.Codec, Path | None]], files: list[Path
     for codec, ckpt in codecs:
         key = f"{codec.label}|{codec.point}|{len(files)}" + (f"|{ckpt.name}|{ckpt.stat().st_mtime_ns}" if ckpt else "")
         if key not in cache:
-            eval_args = argparse.Namespace(batch_size=1, save_samples=False, output_dir=str(cache_path.parent))
+            eval_args = argparse.Namespace(batch_size=1, save_samples=False, progress=False, output_dir=str(cache_path.parent))
             cache[key] = [asdict(r) for r in ev.evaluate([codec], files, eval_args, device)]
             lic_common.write_text_atomic(cache_path, json.dumps(cache))
         results += [ev.ImageResult(**r) for r in cache[key]]
