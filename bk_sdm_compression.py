@@ -1866,13 +1866,18 @@ class DiffusionHyperprior(CompressionModel):
         return state
 
     def analyze(self, x: torch.Tensor) -> torch.Tensor:
-        """The picture (B, 3, H, W) -> the latent y (B, M, h, w), in tiles of ``tile`` pixels when
+        """The picture (B, 3, H, W), float in [0, 1] or uint8 (a quarter of the memory; the same
+        values once divided by 255) -> the latent y (B, M, h, w), in tiles of ``tile`` pixels when
         g_a is local (the untiled y up to float rounding, memory bounded at any size)."""
         x = self._pad(x)
+
+        def g_a(t):
+            return self.g_a(t.float().div_(255) if t.dtype == torch.uint8 else t).float()
+
         if self.halo_a is None:
-            return self.g_a(x).float()
+            return g_a(x)
         tile = -(-self.tile // self.latent_factor) * self.latent_factor
-        return run_tiled(lambda t: self.g_a(t).float(), x, tile, self.halo_a, down=self.latent_factor)
+        return run_tiled(g_a, x, tile, self.halo_a, down=self.latent_factor)
 
     def synthesize(self, y_hat: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The decoded latent -> the picture (B, 3, height, width) in [0, 1], in tiles of ``tile``
@@ -1890,7 +1895,8 @@ class DiffusionHyperprior(CompressionModel):
     def compress(self, x: torch.Tensor, quality: float | None = None) -> dict:
         """-> {"strings": one list per revealed group, then z's; "shape": (H, W); "digests": one
         ``latent_digest`` per image, which the decoder must reach; "y_hat": the decoder's latent}.
-        A variable-rate model takes ``quality`` (in [1, levels]; it codes at ``quality_code``'s)."""
+        A variable-rate model takes ``quality`` (in [1, levels]; it codes at ``quality_code``'s).
+        ``x`` is float in [0, 1], or uint8."""
         quality_code = self.quality_code(quality)
         height, width = x.shape[-2:]
         y = self.analyze(x)
@@ -1901,8 +1907,9 @@ class DiffusionHyperprior(CompressionModel):
 
         def code(k, selected, means, indexes, steps):
             # round((y - mean) / step), all in units of 2**-f_latent (exact in float64; step 2**f: round(y - mean))
-            scaled = y[:, selected].double() * _pow2(self.exact.f_latent) - means.double()
-            symbols = torch.round(scaled / steps.double()).long()
+            scaled = y[:, selected].double().mul_(_pow2(self.exact.f_latent)).sub_(means)
+            symbols = scaled.div_(steps).round_().long()
+            del scaled
             strings.append([gc.encode_symbols(s, i) for s, i in zip(symbols, indexes)])
             return symbols
 
@@ -2419,8 +2426,8 @@ def encode_image(
     model: DiffusionHyperprior, x: torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS, model_id: bytes | None = None,
     quality: float | None = None, reconstruct: bool = False,
 ) -> bytes | tuple[bytes, torch.Tensor]:  # fmt: skip
-    """One image in [0, 1], RGB (3, H, W) or greyscale (1, H, W: coded as three equal channels, the
-    file says so) -> the bytes of a file (and, with ``reconstruct``, the picture its decoder will
+    """One image, float in [0, 1] or uint8, RGB (3, H, W) or greyscale (1, H, W: coded as three
+    equal channels, the file says so) -> the bytes of a file (and, with ``reconstruct``, the picture its decoder will
     show). Variable-rate models take ``quality``. Pass ``model_id`` (the model's ``fingerprint()``)
     when coding many images, to hash the weights once."""
     height, width = x.shape[-2:]
@@ -2502,7 +2509,7 @@ def encode_to_target(
         raise ValueError(f"kind must be one of {TARGETS}")
     tolerance = (0.02 if kind == "size" else 0.1) if tolerance is None else tolerance
     model_id = model.fingerprint()
-    reference = x.unsqueeze(0)
+    reference = (x.float() / 255 if x.dtype == torch.uint8 else x).unsqueeze(0)
 
     def measure(quality: float) -> tuple[float, bytes]:
         data, x_hat = encode_image(model, x, max_pixels, model_id, quality, reconstruct=True)
@@ -2643,8 +2650,10 @@ def _load(args: argparse.Namespace, model: DiffusionHyperprior | None, steps: in
 
 
 def run_compress(args: argparse.Namespace) -> dict:
+    ids = {}  # the model's fingerprint, hashed once
+
     def code_one(src: str, dst: Path, model) -> tuple[dict, DiffusionHyperprior]:
-        x, mode = lic_common.read_image(src)  # a missing or broken image fails before the model loads
+        x, mode = lic_common.read_image(src, keep_8bit=True)  # a missing or broken image fails before the model loads
         for note in mode.notes:
             _say(f"note: {src}: {note}", sys.stderr)
         x = x[:1] if mode.grey else x
@@ -2655,11 +2664,12 @@ def run_compress(args: argparse.Namespace) -> dict:
         levels = model.config.rate_levels
         if levels and target is None and args.quality is None:
             raise ValueError(f"this checkpoint is variable-rate: give --quality (1 to {levels}) or a --target_bpp / --target_size / --target_psnr")
-        model_id = model.fingerprint()
+        if not ids:
+            ids["model"] = model.fingerprint()
         start = time.perf_counter()
         found = None
         if target is None:
-            data = encode_image(model, x, args.max_pixels, model_id, quality=args.quality)
+            data = encode_image(model, x, args.max_pixels, ids["model"], quality=args.quality)
         else:
             found = encode_to_target(model, x, *target, max_encodes=args.max_encodes, max_pixels=args.max_pixels)
             data = found.data

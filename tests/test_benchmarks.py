@@ -21,6 +21,7 @@ from test_codec import perturbed, save_ckpt, tiny_model
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+@pytest.mark.slow  # a benchmark script end to end (about a minute): -m slow
 def test_rd_benchmark_trains_caches_and_reports(image_dir, tmp_path, monkeypatch):
     import rd_benchmark
 
@@ -109,6 +110,7 @@ def test_step_budgets_are_timed_once_by_copies_started_together(tmp_path, monkey
     assert budgets == [{curve: 120 for curve in rd_benchmark.CURVES}] * 3
 
 
+@pytest.mark.slow  # a benchmark script end to end (about a minute): -m slow
 def test_speed_benchmark_reports_ratios(tmp_path):
     import speed_benchmark
 
@@ -211,6 +213,7 @@ def test_training_speed_reports_every_variant(image_dir, tmp_path):
     assert "images_per_second" not in only and "data_crops_per_second" not in only and "student_images_per_second" in only
 
 
+@pytest.mark.slow  # a benchmark script end to end (about a minute): -m slow
 def test_reference_benchmark_trains_fine_tunes_ships_and_reports(image_dir, tmp_path):
     import reference_benchmark
 
@@ -245,6 +248,7 @@ def test_reference_benchmark_trains_fine_tunes_ships_and_reports(image_dir, tmp_
     assert {p.name: p.stat().st_mtime_ns for p in other.iterdir()} == before
 
 
+@pytest.mark.slow  # a benchmark script end to end (about a minute): -m slow
 def test_gpu_stage_trains_every_rate_point_in_rounds_and_the_benchmark_ships_them(image_dir, tmp_path):
     """benchmarks/reference_gpu_stage.sh (here on the CPU): round 1 starts every run from stage 1's
     checkpoints, round 2 from round 1's run of the same rate point; --stage2_dir ships round 2."""
@@ -388,6 +392,7 @@ def test_codec_probes_step_times_time_every_variant(monkeypatch):
     assert all(t > 0 for t in got["fp32"].values()) and len(got["fp32"]) == 8
 
 
+@pytest.mark.slow  # a benchmark script end to end (about a minute): -m slow
 def test_gpu_check_script_runs_every_stage_in_its_dry_mode(tmp_path):
     """scripts/gpu_check.sh --dry-run: the same stages as on a GPU, on the CPU with tiny settings."""
     ckpt = save_ckpt(perturbed(tiny_model()).eval(), tmp_path / "tiny.pth")

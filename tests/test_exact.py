@@ -113,35 +113,44 @@ import bk_sdm_compression as bk, lic_common
 model, _ = bk.load_codec({ckpt!r})
 if {channels_last}:
     model = model.to(memory_format=torch.channels_last)
-if {encode}:
-    x = lic_common.load_image({image!r})
-    open({file!r}, "wb").write(bk.encode_image(model, x, quality={quality!r}))
-else:
-    x_hat = bk.decode_image(model, open({file!r}, "rb").read())
-    torch.save(x_hat, {out!r})
+for kind, source, target, quality in {jobs!r}:
+    if kind == "encode":
+        open(target, "wb").write(bk.encode_image(model, lic_common.load_image(source), quality=quality))
+    else:  # decode_image checks the latent's digest
+        torch.save(bk.decode_image(model, open(source, "rb").read()), target)
 """
 
 
-def run(ckpt, image, file, out=None, threads=1, onednn=True, channels_last=False, quality=None):
-    code = RUN.format(root=str(ROOT), threads=threads, onednn=onednn, ckpt=str(ckpt), channels_last=channels_last,
-                      encode=out is None, image=str(image), file=str(file), out=str(out), quality=quality)  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, timeout=300)
+def run(ckpt, *processes: dict) -> None:
+    """Fresh processes, started together and all waited for, each a configuration
+    (``threads``, ``onednn``, ``channels_last``) that loads ``ckpt`` and runs its ``jobs`` in order:
+    ("encode", image, file, quality) or ("decode", file, picture.pt, None)."""
+    procs = []
+    for p in processes:
+        cfg = {"threads": 1, "onednn": True, "channels_last": False} | p
+        jobs = [(kind, str(a), str(b), q) for kind, a, b, q in cfg["jobs"]]
+        code = RUN.format(root=str(ROOT), threads=cfg["threads"], onednn=cfg["onednn"], ckpt=str(ckpt),
+                          channels_last=cfg["channels_last"], jobs=jobs)  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"])}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
 
 
 def check_files_cross_process_configurations(checkpoint, tmp_path) -> bytes:
     """A file encoded with 2 threads is the one encoded with 1 thread, oneDNN off and channels_last;
-    it decodes (the latent digest checked) with 1 thread, with oneDNN off and with channels_last, to
-    pictures within float rounding of the synthesis. Returns the file."""
+    it decodes (the latent digest checked) with 1 thread, with 2 threads and oneDNN off, and with 1
+    thread, oneDNN off and channels_last, to pictures within float rounding of the synthesis.
+    Returns the file."""
     image = write_image(tmp_path / "photo.png", (72, 104))
-    run(checkpoint, image, tmp_path / "a.bksd", threads=2, onednn=True)
-    run(checkpoint, image, tmp_path / "b.bksd", threads=1, onednn=False, channels_last=True)
-    data = (tmp_path / "a.bksd").read_bytes()
-    assert data == (tmp_path / "b.bksd").read_bytes()
-    decoded = []
-    for i, cfg in enumerate([dict(threads=1), dict(threads=2, onednn=False), dict(threads=1, channels_last=True)]):
-        run(checkpoint, image, tmp_path / "a.bksd", out=tmp_path / f"x{i}.pt", **cfg)  # decode_image checks the digest
-        decoded.append(torch.load(tmp_path / f"x{i}.pt"))
+    a, b, xs = tmp_path / "a.bksd", tmp_path / "b.bksd", [tmp_path / f"x{i}.pt" for i in range(3)]
+    run(checkpoint, dict(threads=2, jobs=[("encode", image, a, None)]))
+    run(checkpoint, dict(jobs=[("decode", a, xs[0], None)]), dict(threads=2, onednn=False, jobs=[("decode", a, xs[1], None)]),
+        dict(onednn=False, channels_last=True, jobs=[("encode", image, b, None), ("decode", a, xs[2], None)]))  # fmt: skip
+    data = a.read_bytes()
+    assert data == b.read_bytes()
+    decoded = [torch.load(x) for x in xs]
     for x in decoded[1:]:
         mse = (x - decoded[0]).pow(2).mean().item()
         assert mse == 0 or 10 * math.log10(1 / mse) >= 60
@@ -229,6 +238,7 @@ def test_a_checkpoint_stores_what_the_decoder_would_otherwise_compute(checkpoint
 # ---- the benchmark and the device check ----
 
 
+@pytest.mark.slow  # a benchmark script end to end (about a minute): -m slow
 def test_exact_benchmark_measures_rd_speed_and_cross_decoding(checkpoint, tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import exact_benchmark

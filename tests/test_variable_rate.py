@@ -100,9 +100,10 @@ def test_fixed_and_variable_rate_refuse_each_others_qualities(model):
 
 def test_variable_rate_files_decode_the_same_in_other_process_configurations(checkpoint, tmp_path):
     image = write_image(tmp_path / "photo.png", (64, 80))
-    run(checkpoint, image, tmp_path / "a.bksd", threads=2, quality=2.37)
-    for i, cfg in enumerate([dict(threads=1), dict(threads=2, onednn=False, channels_last=True)]):
-        run(checkpoint, image, tmp_path / "a.bksd", out=tmp_path / f"x{i}.pt", **cfg)  # decode_image checks the digest
+    run(checkpoint, dict(threads=2, jobs=[("encode", image, tmp_path / "a.bksd", 2.37)]))
+    run(checkpoint, dict(jobs=[("decode", tmp_path / "a.bksd", tmp_path / "x0.pt", None)]),  # decode_image checks the digest
+        dict(threads=2, onednn=False, channels_last=True, jobs=[("decode", tmp_path / "a.bksd", tmp_path / "x1.pt", None)]))
+    assert torch.load(tmp_path / "x0.pt").shape == (3, 64, 80)
 
 
 @pytest.mark.parametrize("kind,target", [("size", 0.6), ("psnr", None)])
