@@ -964,28 +964,35 @@ def unet_time_tables(unet: nn.Module, timesteps: torch.Tensor) -> dict:
 
 def _table_function(q: torch.Tensor, f: int, table: torch.Tensor, low: int, step_bits: int, above) -> torch.Tensor:
     """A tabulated function of int64 q at exponent f (table at LOG_BITS from ``low``, step
-    2**-step_bits), interpolated linearly in integers; below the table 0, above it ``above(q)``."""
+    2**-step_bits), interpolated linearly in integers; below the table 0, above it ``above(q)``.
+    In place where it can: a few tensors of q's size at a time."""
     d = f - step_bits
-    pos = q >> d if d >= 0 else q << -d
-    frac = q - (pos << d) if d >= 0 else torch.zeros_like(q)
-    i = pos + (-low << step_bits)
     last = table.numel() - 1
+    i = (q >> d if d >= 0 else q << -d).add_(-low << step_bits)  # the table position
     ic = i.clamp(0, last - 1)
-    lo = table[ic]
-    value = _shift(lo + _shift((table[ic + 1] - lo) * frac, max(d, 0)), LOG_BITS - f)
-    return torch.where(i >= last, above(q), torch.where(i < 0, torch.zeros_like(q), value))
+    value = table[ic]  # lo
+    if d >= 0:  # + (hi - lo) * frac, frac the bits of q below the step, shifted back
+        step = table[ic.add_(1)].sub_(value).mul_(q & ((1 << d) - 1))
+        value.add_(_shift_(step, d))
+        del step
+    del ic
+    value = _shift_(value, LOG_BITS - f).masked_fill_(i < 0, 0)
+    beyond = i >= last
+    return torch.where(beyond, above(q), value) if bool(beyond.any()) else value
 
 
 def _standardize(g: torch.Tensor, f: int, eps: float) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over the last dimension of int64 g at exponent f, in integers
-    (an exact integer square root), at NORM_BITS."""
+    (an exact integer square root), at NORM_BITS. In place where it can."""
     n = g.shape[-1]
     c = g - _div(g.sum(-1, keepdim=True), n)
     cs = _shift(c, VAR_SHIFT)
-    var = torch.div((cs * cs).sum(-1, keepdim=True), n, rounding_mode="floor")  # at 2 (f - VAR_SHIFT)
+    var = torch.div(cs.mul_(cs).sum(-1, keepdim=True), n, rounding_mode="floor")  # at 2 (f - VAR_SHIFT)
+    del cs
     epsilon = math.ceil(eps * 4.0 ** (f - VAR_SHIFT + NORM_EXTRA_BITS))
     std = _isqrt((var << 2 * NORM_EXTRA_BITS) + epsilon)  # at f - VAR_SHIFT + NORM_EXTRA_BITS
-    return _div(c << (NORM_BITS - VAR_SHIFT + NORM_EXTRA_BITS), std)
+    c.bitwise_left_shift_(NORM_BITS - VAR_SHIFT + NORM_EXTRA_BITS)
+    return c.mul_(2).add_(std).div_(std.mul_(2), rounding_mode="floor")  # _div(c, std), rounded half up
 
 
 class _IntOps:
@@ -1033,8 +1040,8 @@ class _IntOps:
         rows = self.rows if t["scale"].shape[0] > 1 else torch.zeros(1, dtype=torch.long, device=xn.device)
         shape = (-1, 1, t["scale"].shape[1]) if channels_last else (-1, t["scale"].shape[1], 1, 1)
         scale, offset = t["scale"][rows].view(shape), t["offset"][rows].view(shape)
-        out = _shift(xn * scale, NORM_BITS + t["e_scale"] - t["f_out"]) + offset
-        return out.clamp(-ACT_MAX, ACT_MAX), t["f_out"]
+        out = _shift_(xn.mul_(scale), NORM_BITS + t["e_scale"] - t["f_out"]).add_(offset)  # xn: _standardize's, ours
+        return out.clamp_(-ACT_MAX, ACT_MAX), t["f_out"]
 
     def norm(self, name, x, norm, time=None):
         q, f = x
@@ -1365,9 +1372,8 @@ class ExactPrior(nn.Module):
         shift, log_factor = out.chunk(2, dim=1)
         if denoise:
             return _shift(shift, fo - f)
-        means = _shift_(sigma0 * shift, fo).add_(mu0).clamp_(-ACT_MAX, ACT_MAX)
-        log_scales = _shift_(log_factor.clone(), fo - LOG_BITS).add_(log_sigma0)
-        return means, log_scales  # not views of ``out``: it is freed here
+        means = _shift_(shift.mul_(sigma0), fo).add_(mu0).clamp_(-ACT_MAX, ACT_MAX)  # in place: the two halves of ``out``
+        return means, _shift_(log_factor, fo - LOG_BITS).add_(log_sigma0)
 
 
 class _ShapeOps:
