@@ -6,7 +6,8 @@ Three measurements of ``bk_sdm_compression.py`` as a user runs it, one command:
   is compressed and the file decompressed, each call in its own process with ``--threads``
   threads: wall seconds, the codec's own seconds (what the command prints: encode or decode,
   without start-up and image I/O) and the process's peak resident memory (``wait4``), and the
-  codec's seconds per megapixel against the smallest size's;
+  codec's seconds per megapixel against the smallest size's; the smallest is also coded without
+  tiles (``--tile 0``), to check that tiling changes no byte;
 - **batch** (``--stage batch``): the first ``--batch_images`` Kodak images compressed in one call
   (``--output_dir``) against one call per image: wall seconds of each way, and whether the files
   are the same bytes;
@@ -107,6 +108,10 @@ def measure_sizes(args) -> list[dict]:
             row["pixels"] = a.width * a.height
             assert a.size == b.size
         row["bpp"] = 8 * data.stat().st_size / row["pixels"]
+        if mp == min(args.megapixels):  # tiles change no byte: the smallest picture coded whole as well
+            whole = src.with_name(src.stem + "-whole.bksd")
+            call(["bk_sdm_compression.py", "compress", str(src), str(whole), "--checkpoint", args.checkpoint, "--tile", "0"], args.threads)
+            row["whole_is_the_same_file"] = whole.read_bytes() == data.read_bytes()
         rows.append(row)
     base = rows[0]
     for row in rows:
@@ -164,6 +169,9 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['pixels'] / 1e6:.1f} MP | {r['bpp']:.4f} | {c['wall_s']:.1f} ({c['codec_s']:.1f}) | {c['peak_gib']:.2f} | "
                          f"{c['per_pixel_vs_smallest']:.2f}x | {d['wall_s']:.1f} ({d['codec_s']:.1f}) | {d['peak_gib']:.2f} | "
                          f"{d['per_pixel_vs_smallest']:.2f}x |")  # fmt: skip
+        same = [r["whole_is_the_same_file"] for r in result["sizes"] if "whole_is_the_same_file" in r]
+        if same:
+            lines.append(f"The smallest picture coded whole (`--tile 0`) is {'the same file' if same[0] else 'ANOTHER file'}.")
         lines.append("")
     b = result.get("batch")
     if b:

@@ -426,7 +426,7 @@ def test_prior_comparison_trains_every_entropy_model_on_the_same_latents_and_mea
         write_image(kodak / f"kodim0{i + 1}.png", (64, 64), seed=i)
     summary = pc.main(["--checkpoints", *ckpts, "--data_path", str(image_dir), "--kodak", str(kodak), "--work_dir", str(tmp_path / "work"),
                        "--results", str(tmp_path / "res"), "--cache_latents", "8", "--image_size", "64", "--batch_size", "4",
-                       "--minutes", "0.05", "--epoch_size", "48", "--variants", "diffusion-channels-4", "--max_images", "1"])  # fmt: skip
+                       "--minutes", "0.02", "--epoch_size", "48", "--variants", "diffusion-channels-4", "--max_images", "1"])  # fmt: skip
     assert set(summary["runs"]) == {"lambda0.001", "lambda0.002"}
     assert set(summary["runs"]["lambda0.002"]) == {"mean-scale", "diffusion-prior", "checkerboard", "elic", "diffusion-channels-4"}
     assert all(r["step"] > 0 and r["curve"] for point in summary["runs"].values() for r in point.values())
