@@ -474,3 +474,24 @@ def test_pretrained_exact_benchmark_trains_codes_and_times_a_real_layout(image_d
     size = result["size"]["unet_small_v1.json"]
     assert size["exact"]["seconds"] > 0 and size["float"]["peak_rss_gb"] > 0 and size["exact_over_float_time"] > 0
     assert "unet_small_v2.json" not in result["size"] and (tmp_path / "out" / "pretrained_exact.md").is_file()
+
+
+@pytest.mark.slow  # about twenty processes of the command line: -m slow
+def test_large_image_benchmark_measures_sizes_batches_and_startup(tmp_path):
+    """Every stage at tiny sizes: peak memory and time per size, the one-call batch against one
+    call per image (identical files), --help of every script and the fixed cost of a call."""
+    import large_image_benchmark as lib
+
+    kodak = tmp_path / "kodak"
+    for i in range(3):
+        write_image(kodak / f"kodim0{i + 1}.png", (48, 64), seed=i)
+    ckpt = save_ckpt(perturbed(tiny_model()).eval(), tmp_path / "tiny.pth")
+    result = lib.main(["--checkpoint", str(ckpt), "--kodak", str(kodak), "--source", "kodim01.png", "--megapixels", "0.01", "0.02",
+                       "--batch_images", "2", "--work_dir", str(tmp_path / "work"), "--output_dir", str(tmp_path / "res")])  # fmt: skip
+    sizes = result["sizes"]
+    assert [round(r["pixels"], -2) for r in sizes] == [round(r["pixels"], -2) for r in sorted(sizes, key=lambda r: r["pixels"])]
+    assert all(r[k]["peak_gib"] > 0.1 and r[k]["codec_s"] > 0 for r in sizes for k in ("compress", "decompress"))
+    assert sizes[0]["compress"]["per_pixel_vs_smallest"] == 1 and sizes[0]["whole_is_the_same_file"] is True
+    assert result["batch"]["identical_files"] is True and result["batch"]["images"] == 2
+    assert set(result["startup"]["help_s"]) == set(lib.SCRIPTS) and result["startup"]["fixed_s"] > 0
+    assert (tmp_path / "res" / "large_images.png").is_file() and "--help" in (tmp_path / "res" / "large_images.md").read_text()
