@@ -59,11 +59,14 @@ default ranges), a checkpoint stores its tables, and each file carries a digest 
 latent that the decoder checks. The float chain stays for training and for the rate estimate.
 
 Images of any size are padded (replicating the border) to a multiple of the model's total
-downsampling factor and cropped back after decoding.
+downsampling factor and cropped back after decoding. ``compress`` / ``decompress`` run the
+analysis and synthesis transforms in tiles with a halo of their receptive field (``run_tiled``)
+and the integer network in blocks of rows, so memory stays bounded at any size.
 
 Command line (a checkpoint written by ``train_bk_sdm_compression.py``, or a shipped one):
-    python bk_sdm_compression.py compress IMAGE OUT.bin --checkpoint CKPT
-    python bk_sdm_compression.py decompress OUT.bin OUT.png --checkpoint CKPT
+    python bk_sdm_compression.py compress IMAGE OUT.bksd --checkpoint CKPT
+    python bk_sdm_compression.py decompress OUT.bksd OUT.png --checkpoint CKPT
+    python bk_sdm_compression.py compress A.png B.jpg ... --output_dir DIR --checkpoint CKPT   # DIR/<stem>.bksd
     python bk_sdm_compression.py convert FLOAT.pth EXACT.pth --data TRAINING_IMAGES
 """
 
