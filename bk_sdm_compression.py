@@ -585,6 +585,11 @@ def _div(a: torch.Tensor, b) -> torch.Tensor:
     return torch.div(2 * a + b, 2 * b, rounding_mode="floor")
 
 
+def _div_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``_div`` in place on ``a`` (a fresh tensor): a / b rounded (half up), integers, b > 0."""
+    return a.mul_(2).add_(b).div_(2 * b, rounding_mode="floor")
+
+
 def _div_scaled(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
     """a * 2**k / b rounded (half up), integers, b > 0 and below 2**40, without forming a * 2**k:
     the quotient and the remainder are scaled apart."""
@@ -624,6 +629,12 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
+def _by_taps(C: int, O: int, s: tuple) -> bool:
+    """Whether ``_conv_rows`` convolves C -> O channels as one product of all taps and shifted
+    additions (stride 1, narrowing: cheaper than an im2col buffer of C * kh * kw rows)."""
+    return s == (1, 1) and C >= 2 * O
+
+
 def _conv_rows(x: torch.Tensor, weight: torch.Tensor, k: tuple, s: tuple, p: tuple) -> torch.Tensor:
     """``_integer_conv``'s convolution on one block of rows (float64 in and out)."""
     B, C, H, W = x.shape
@@ -631,7 +642,7 @@ def _conv_rows(x: torch.Tensor, weight: torch.Tensor, k: tuple, s: tuple, p: tup
     out_h, out_w = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
     if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
         return _matmul(weight.reshape(O, C), x.reshape(B, C, H * W)).view(B, O, H, W)
-    if (sh, sw) == (1, 1) and C >= 2 * O:  # one product of all taps, then shifted additions
+    if _by_taps(C, O, s):  # one product of all taps, then shifted additions
         taps = _matmul(weight.permute(2, 3, 0, 1).reshape(kh * kw * O, C), x.reshape(B, C, H * W)).view(B, kh, kw, O, H, W)
         out = x.new_zeros(B, O, out_h, out_w)
         for dy in range(kh):
@@ -672,7 +683,7 @@ def _integer_conv(x: torch.Tensor, weight: torch.Tensor, layer: nn.Module) -> to
     O, k, s, p = weight.shape[0], layer.kernel_size, layer.stride, layer.padding
     (kh, kw), (sh, sw), (ph, pw) = k, s, p
     out_h, out_w = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    per_row = B * max(O, (O if sh == sw == 1 and C >= 2 * O else C) * kh * kw) * W
+    per_row = B * max(O, (O if _by_taps(C, O, tuple(s)) else C) * kh * kw) * W  # intermediate elements per output row
     rows = max(1, CONV_CHUNK // per_row)
     if rows >= out_h:
         return _conv_rows(x.double(), weight, k, s, p).long()
@@ -994,8 +1005,7 @@ def _standardize(g: torch.Tensor, f: int, eps: float) -> torch.Tensor:
     del cs
     epsilon = math.ceil(eps * 4.0 ** (f - VAR_SHIFT + NORM_EXTRA_BITS))
     std = _isqrt((var << 2 * NORM_EXTRA_BITS) + epsilon)  # at f - VAR_SHIFT + NORM_EXTRA_BITS
-    c.bitwise_left_shift_(NORM_BITS - VAR_SHIFT + NORM_EXTRA_BITS)
-    return c.mul_(2).add_(std).div_(std.mul_(2), rounding_mode="floor")  # _div(c, std), rounded half up
+    return _div_(c.bitwise_left_shift_(NORM_BITS - VAR_SHIFT + NORM_EXTRA_BITS), std)
 
 
 class _IntOps:
@@ -1364,12 +1374,11 @@ class ExactPrior(nn.Module):
         acc = cache["hyperprior"]
         active = known.flatten(2).any(2).any(0).nonzero().flatten()  # channels with something revealed: only they are convolved
         for c in active.split(CHANNEL_CHUNK) if len(active) else ():  # a few channels at a time: exact in any order
-            s0 = sigma0[:, c]  # (state - mu0) / sigma0 where known, 0 elsewhere (``_div``, rounded half up)
-            innovation = (state[:, c] - mu0[:, c]).bitwise_left_shift_(fi).mul_(2).add_(s0)
-            innovation.div_(s0.mul_(2), rounding_mode="floor").masked_fill_(~known[:, c], 0)
+            innovation = _div_((state[:, c] - mu0[:, c]).bitwise_left_shift_(fi), sigma0[:, c])  # (state - mu0) / sigma0
+            innovation.masked_fill_(~known[:, c], 0)  # where known, 0 elsewhere
             x = torch.cat([innovation, known[:, c].long() << fi], dim=1).clamp_(-ACT_MAX, ACT_MAX)
             acc = acc + _integer_conv(x, weight[:, torch.cat([c, c + M])], layer)
-            del s0, innovation, x
+            del innovation, x
         ops = _IntOps(self, rows, first_acc=acc, cache=cache)
         out, fo = _walk_unet(ops, unet, (None, fi), cache.get("context"))
         shift, log_factor = out.chunk(2, dim=1)
@@ -2503,7 +2512,7 @@ TARGETS = ("size", "psnr")
 @torch.no_grad()
 def encode_to_target(
     model: DiffusionHyperprior, x: torch.Tensor, kind: str, target: float, max_encodes: int = 8,
-    tolerance: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+    tolerance: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, model_id: bytes | None = None,
 ) -> TargetResult:  # fmt: skip
     """Search a variable-rate model's quality for a file of ``target`` bytes (``kind`` "size":
     within ``tolerance`` x target, default 2%) or a reconstruction of ``target`` dB PSNR ("psnr":
@@ -2517,7 +2526,7 @@ def encode_to_target(
     if kind not in TARGETS:
         raise ValueError(f"kind must be one of {TARGETS}")
     tolerance = (0.02 if kind == "size" else 0.1) if tolerance is None else tolerance
-    model_id = model.fingerprint()
+    model_id = model_id or model.fingerprint()
     reference = (x.float() / 255 if x.dtype == torch.uint8 else x).unsqueeze(0)
 
     def measure(quality: float) -> tuple[float, bytes]:
@@ -2619,20 +2628,31 @@ def _jobs(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 
 def _run_each(args: argparse.Namespace, code_one: Callable) -> dict:
-    """``code_one(src, dst, model) -> (result, model)`` for every job, the model loaded once (by the first
-    job that gets that far: a single bad input fails before it loads). One input: its result, and any error
-    ends the command. Several: a progress bar; a bad input is named in one line and the others are still
-    coded; the command fails at the end if any did."""
-    jobs, model = _jobs(args), None
+    """``code_one(src, dst, load) -> result`` for every job; ``load()`` -> (the model, its
+    fingerprint), made once. One input: its result; the model loads when the input has been read
+    (a bad input fails first), and any error ends the command. Several: the model loads first (a bad
+    checkpoint is one error), a progress bar, a bad input is named in one line and the others are
+    still coded; the command fails at the end if any did."""
+    loaded = []
+
+    def load() -> tuple[DiffusionHyperprior, bytes]:
+        if not loaded:
+            steps = args.diffusion_steps if args.command == "compress" else None  # decompress: each file's
+            model, _ = load_codec(args.checkpoint, args.device, args.bk_sdm_path, steps)
+            model.tile = args.tile
+            loaded.append((model, model.fingerprint()))
+        return loaded[0]
+
+    jobs = _jobs(args)
     if len(jobs) == 1:
-        return code_one(*jobs[0], model)[0]
+        return code_one(*jobs[0], load)
     from tqdm import tqdm
 
+    load()
     results, failed = [], []
     for src, dst in tqdm(jobs, desc=args.command, unit="file", disable=not args.progress, dynamic_ncols=True):
         try:
-            result, model = code_one(src, dst, model)
-            results.append({"input": src, "output": str(dst)} | result)
+            results.append({"input": src, "output": str(dst)} | code_one(src, dst, load))
         except (ValueError, lic_common.ImageError, FileNotFoundError, ExactError) as e:
             _say(f"error: {src}: {e}", sys.stderr)
             failed.append(src)
@@ -2651,36 +2671,25 @@ def _say(line: str, file=None) -> None:
     tqdm.write(line, file=file)  # above a progress bar, if there is one
 
 
-def _load(args: argparse.Namespace, model: DiffusionHyperprior | None, steps: int | None = None) -> DiffusionHyperprior:
-    if model is None:
-        model, _ = load_codec(args.checkpoint, args.device, args.bk_sdm_path, steps)
-        model.tile = args.tile
-    return model
-
-
 def run_compress(args: argparse.Namespace) -> dict:
-    ids = {}  # the model's fingerprint, hashed once
-
-    def code_one(src: str, dst: Path, model) -> tuple[dict, DiffusionHyperprior]:
+    def code_one(src: str, dst: Path, load: Callable) -> dict:
         x, mode = lic_common.read_image(src, keep_8bit=True)  # a missing or broken image fails before the model loads
         for note in mode.notes:
             _say(f"note: {src}: {note}", sys.stderr)
         x = x[:1] if mode.grey else x
         height, width = x.shape[-2:]
-        model = _load(args, model, args.diffusion_steps)
+        model, model_id = load()
         target = (("size", args.target_size) if args.target_size else ("size", args.target_bpp * height * width / 8) if args.target_bpp
                   else ("psnr", args.target_psnr) if args.target_psnr else None)  # fmt: skip
         levels = model.config.rate_levels
         if levels and target is None and args.quality is None:
             raise ValueError(f"this checkpoint is variable-rate: give --quality (1 to {levels}) or a --target_bpp / --target_size / --target_psnr")
-        if not ids:
-            ids["model"] = model.fingerprint()
         start = time.perf_counter()
         found = None
         if target is None:
-            data = encode_image(model, x, args.max_pixels, ids["model"], quality=args.quality)
+            data = encode_image(model, x, args.max_pixels, model_id, quality=args.quality)
         else:
-            found = encode_to_target(model, x, *target, max_encodes=args.max_encodes, max_pixels=args.max_pixels)
+            found = encode_to_target(model, x, *target, max_encodes=args.max_encodes, max_pixels=args.max_pixels, model_id=model_id)
             data = found.data
         seconds = time.perf_counter() - start
         lic_common.write_bytes_atomic(dst, data)
@@ -2696,30 +2705,30 @@ def run_compress(args: argparse.Namespace) -> dict:
             note += f" ({'reached' if found.met else 'closest this checkpoint reaches to'} {asked}: {reached}, {found.encodes} encodes)"
         grey = ", greyscale" if mode.grey else ""
         _say(f"{src} ({width}x{height}{grey}) -> {dst}: {len(data)} bytes, {result['bpp']:.4f} bpp{note}, {seconds:.2f} s")
-        return result | ({"quality": quality} if quality is not None else {}), model
+        return result | ({"quality": quality} if quality is not None else {})
 
     return _run_each(args, code_one)
 
 
 def run_decompress(args: argparse.Namespace) -> dict:
-    def code_one(src: str, dst: Path, model) -> tuple[dict, DiffusionHyperprior]:
+    def code_one(src: str, dst: Path, load: Callable) -> dict:
         data = Path(src).read_bytes()
         header, _ = read_bitstream(data, args.max_pixels)  # a bad file fails before the model is built
         steps = header.diffusion_steps if args.diffusion_steps is None else args.diffusion_steps
-        model = _load(args, model)
+        model, model_id = load()
         if steps != model.inference_steps:
             try:
                 model.set_inference_steps(steps)
             except ValueError as e:
                 raise BitstreamError(f"the file was coded with {steps} diffusion steps, which this checkpoint cannot decode: {e}") from None
         start = time.perf_counter()
-        x_hat = decode_image(model, data, args.max_pixels)
+        x_hat = decode_image(model, data, args.max_pixels, model_id)
         seconds = time.perf_counter() - start
         lic_common.save_image(x_hat, dst)
         height, width = x_hat.shape[-2:]
         note = ("" if header.quality is None else f", quality {header.quality:g}") + (", greyscale" if header.grey else "")
         _say(f"{src} -> {dst} ({width}x{height}{note}), {seconds:.2f} s")
-        return {"height": height, "width": width, "decode_seconds": seconds, "quality": header.quality, "grey": header.grey}, model
+        return {"height": height, "width": width, "decode_seconds": seconds, "quality": header.quality, "grey": header.grey}
 
     return _run_each(args, code_one)
 

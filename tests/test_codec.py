@@ -668,8 +668,13 @@ def test_tiled_analysis_and_synthesis_are_the_whole_ones():
         model.tile = 0
         y, picture, whole = model.analyze(x), model.synthesize(latent, 160, 240), bk.encode_image(model, x[0])
         model.tile = 64  # 3 x 4 tiles of the picture, 3 x 4 of the latent
+        calls = []
+        hooks = [t.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape[-2:]))) for t in (model.g_a, model.g_s)]
         assert (model.analyze(x) - y).abs().max() < 1e-5
         assert 10 * math.log10(1 / (model.synthesize(latent, 160, 240) - picture).pow(2).mean().item()) >= 60
+        for hook in hooks:
+            hook.remove()
+        assert len(calls) == 24 and max(calls) <= (64 + 2 * 32, 64 + 2 * 32)  # tiles, each with its halo, never the whole
         assert bk.encode_image(model, x[0]) == whole
     assert bk.receptive_halo(model.unet) is None  # GroupNorm sees everything: never tiled
 
@@ -687,5 +692,10 @@ def test_exact_convolutions_in_blocks_of_rows_are_the_whole_ones(monkeypatch):
             ref = F.conv2d(x.double(), w.double(), None, layer.stride, layer.padding)
         for chunk in (2**23, 500, 1):  # whole, a few rows, one row at a time
             monkeypatch.setattr(bk, "CONV_CHUNK", chunk)
+            blocks = []
+            monkeypatch.setattr(bk, "_conv_rows", lambda x, *a, f=bk._conv_rows: blocks.append(x.shape[2]) or f(x, *a))
             out = bk._integer_conv(x, w, layer)
+            monkeypatch.undo()
             assert out.dtype == torch.long and torch.equal(out, ref.long()), (layer, chunk)
+            if chunk == 1 and not isinstance(layer, nn.ConvTranspose2d):  # one output row a block
+                assert len(blocks) == ref.shape[2], (layer, blocks)
