@@ -109,6 +109,11 @@ MODES = ("residual", "z_only")
 REVEALS = ("checkerboard", "channels")
 HYPER_FACTOR = 4  # h_a downsamples the latent twice by 2
 SCRATCH_TIMESTEPS = 1000  # the from-scratch U-Net's timestep range, as a diffusers schedule's
+SEARCH_LR = 0.02  # Adam's step size in the encoder's latent search (``DiffusionHyperprior.search``)
+SEARCH_TAU = (0.5, 0.05)  # its annealing temperature, first and last iteration
+EFFORT_ITERATIONS = (0, 4, 8, 16, 32, 64, 128)  # search iterations at each --effort (0: the analysis transforms' latent)
+DEFAULT_EFFORT = 1  # the highest whose encode time stays within about 10x effort 0's (docs/2026-12-07-effort.md)
+SEARCH_MAX_PIXELS = 2**22  # the search holds the synthesis transform's activations for backpropagation
 
 
 @dataclass
@@ -274,6 +279,19 @@ def run_tiled(fn: Callable, x: torch.Tensor, tile: int, halo: int, up: int = 1, 
             ]
             del y
     return out
+
+
+def soft_round(r: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stochastic Gumbel annealing's rounding (Yang, Bamler & Mandt 2020, "Improving inference for
+    neural image compression"): each element of ``r`` goes to floor(r) or floor(r) + 1 with a
+    Gumbel-softmax draw of temperature ``tau`` over logits -atanh(distance) / tau, so a value
+    near an integer stays there; as ``tau`` falls to 0 the draw becomes the hard rounding the coder
+    applies. Differentiable in ``r`` (through the distances), (any shape) -> the same shape."""
+    low = r.detach().floor()
+    d = (r - low).clamp(1e-5, 1 - 1e-5)
+    logits = torch.stack([-torch.atanh(d), -torch.atanh(1 - d)], dim=-1) / tau
+    u = torch.rand(logits.shape, generator=generator, device=r.device).clamp_(1e-10, 1 - 1e-7)
+    return low + ((logits - torch.log(-torch.log(u))) / tau).softmax(dim=-1)[..., 1]
 
 
 class VAEAnalysis(nn.Module):
@@ -1602,6 +1620,8 @@ class DiffusionHyperprior(CompressionModel):
         # variable rate: the log quantization step of each latent channel at each quality level
         levels = config.rate_levels
         self.log_steps = nn.Parameter(torch.zeros(levels, M)) if levels else None
+        # the rate weight the codec was trained for (fixed-rate; a checkpoint records it): ``search``'s
+        self.lambda_rate: float | None = None
 
     # -- variable rate --
 
@@ -1910,15 +1930,16 @@ class DiffusionHyperprior(CompressionModel):
         return (y_q.double() * _pow2(-self.exact.f_latent)).float()
 
     @torch.no_grad()
-    def compress(self, x: torch.Tensor, quality: float | None = None) -> dict:
+    def compress(self, x: torch.Tensor, quality: float | None = None, latents: tuple | None = None) -> dict:
         """-> {"strings": one list per revealed group, then z's; "shape": (H, W); "digests": one
         ``latent_digest`` per image, which the decoder must reach; "y_hat": the decoder's latent}.
         A variable-rate model takes ``quality`` (in [1, levels]; it codes at ``quality_code``'s).
-        ``x`` is float in [0, 1], or uint8."""
+        ``x`` is float in [0, 1], or uint8. ``latents``: the (y, z) to code instead of the analysis
+        transforms' (what ``search`` finds); the decoder and the file are the same either way."""
         quality_code = self.quality_code(quality)
         height, width = x.shape[-2:]
-        y = self.analyze(x)
-        z = self.h_a(y)
+        y, z = latents if latents is not None else (self.analyze(x), None)
+        z = self.h_a(y) if z is None else z
         z_strings = self.entropy_bottleneck.compress(z)
         z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
         gc, strings = self.gaussian_conditional, []
@@ -1935,6 +1956,71 @@ class DiffusionHyperprior(CompressionModel):
         digests = [latent_digest(y_q[b], z_hat[b]) for b in range(len(y_q))]
         return {"strings": [*strings, z_strings], "shape": (height, width), "digests": digests, "y_hat": self._latent(y_q),
                 "z_digests": [hyper_digest(z_hat[b]) for b in range(len(z_hat))]}  # fmt: skip
+
+    def rate_weight(self, quality: float | None = None) -> float:
+        """The rate weight lambda of loss = D + lambda * bpp the codec was trained for (at
+        ``quality``, for a variable-rate one): what ``search`` minimises."""
+        if self.config.rate_levels:
+            self.quality_code(quality)  # checks it
+            return float(self.quality_lambda(torch.tensor([quality]))[0])
+        if self.lambda_rate is None:
+            raise ValueError("this checkpoint does not record the rate weight it was trained for (made before it was "
+                             "stored): code it with --effort 0")  # fmt: skip
+        return self.lambda_rate
+
+    @torch.enable_grad()
+    def search(self, x: torch.Tensor, iterations: int, quality: float | None = None, lr: float = SEARCH_LR,
+               progress: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Encoder-side search (Yang, Bamler & Mandt 2020): from the analysis transforms' y and z,
+        ``iterations`` Adam steps on D + lambda * bpp (``rate_weight``) of this very codec, under
+        stochastic Gumbel annealing (``soft_round``; its temperature falls geometrically over
+        ``SEARCH_TAU``), so that the hard rounding the coder applies is what was optimised. The rate
+        is the chain's own: each group's soft-rounded residual under the Gaussian the U-Net predicts
+        from the groups before it, and z's under the bottleneck. The decoder does not change.
+        (1, 3, H, W) picture, float in [0, 1] or uint8 -> (y, z) for ``compress(latents=...)``."""
+        height, width = x.shape[-2:]
+        x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+        lam, pixels = self.rate_weight(quality), height * width
+        with torch.no_grad():
+            y = self.analyze(x)
+            z = self.h_a(y)
+        y, z = y.requires_grad_(), z.float().requires_grad_()
+        optimizer = torch.optim.Adam([y, z], lr=lr)
+        step = self._step_for(quality, 1, x.device)
+        eb, generator = self.entropy_bottleneck, torch.Generator(x.device).manual_seed(seed)
+        medians = eb._get_medians().detach().view(1, -1, 1, 1)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        for p in trainable:  # gradients for y and z only
+            p.requires_grad_(False)
+        try:
+            from tqdm import tqdm
+
+            for t in tqdm(range(iterations), desc="search", unit="step", disable=not progress, leave=False, dynamic_ncols=True):
+                tau = SEARCH_TAU[0] * (SEARCH_TAU[1] / SEARCH_TAU[0]) ** (t / max(1, iterations - 1))
+                z_soft = soft_round(z - medians, tau, generator) + medians
+                likelihood = eb._likelihood(z_soft.transpose(0, 1).reshape(z.shape[1], 1, -1))[0]
+                bits = -torch.log2(eb.likelihood_lower_bound(likelihood) if eb.use_likelihood_bound else likelihood).sum()
+                mu0, s0 = self.hyper_decode(z_soft)
+
+                def soft(k, selected, means, scales):
+                    nonlocal bits
+                    s = 1 if step is None else step.expand_as(y)[:, selected]
+                    r = soft_round((y[:, selected] - means) / s, tau, generator)
+                    bits = bits - torch.log2(self._y_likelihoods(r, scales / s, torch.zeros_like(r))).sum()
+                    return means + s * r
+
+                code = soft if self.config.mode == "residual" else _predicted
+                y_hat = self._run_chain(mu0, s0, code)[0]
+                x_hat = self.g_s(y_hat.contiguous(memory_format=torch.channels_last))  # about 1.3x faster on CPUs
+                distortion = (x_hat[..., :height, :width].float() - x).square().mean()
+                loss = distortion + lam * bits / pixels
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+        return y.detach(), z.detach()
 
     @torch.no_grad()
     def decompress(self, strings: list, shape: tuple[int, int], quality: float | None = None, z_digests: list | None = None,
@@ -2245,8 +2331,18 @@ def slim_checkpoint(ckpt: dict, half: bool = True) -> dict:
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.endswith(ENTROPY_TABLES)}
     state = lic_common.half_where_exact(state) if half else state
     keep = {k: ckpt[k] for k in ("exact", "calibration") if k in ckpt}
+    keep |= {"lambda_rate": recorded_rate_weight(ckpt)} if recorded_rate_weight(ckpt) is not None else {}
     return {"architecture": ckpt["architecture"], "codec_format": ckpt.get("codec_format", 1), "config": ckpt["config"],
             "state_dict": state} | keep  # fmt: skip
+
+
+def recorded_rate_weight(ckpt: dict) -> float | None:
+    """The rate weight lambda a codec checkpoint was trained for: a shipped checkpoint's
+    ``lambda_rate``, or its training run's; None where neither is recorded."""
+    if "lambda_rate" in ckpt:
+        return float(ckpt["lambda_rate"])
+    value = ckpt.get("run_config", {}).get("args", {}).get("lambda_rate")
+    return None if value is None else float(value)
 
 
 CONVERT_HINT = "python bk_sdm_compression.py convert OLD.pth NEW.pth --data TRAINING_IMAGES"
@@ -2308,6 +2404,7 @@ def _rebuild(ckpt: dict, bk_sdm_path: str | None = None) -> DiffusionHyperprior:
     model = from_config(config)
     model.load_trainable_state_dict(ckpt["state_dict"])
     model.calibration = ckpt.get("calibration")
+    model.lambda_rate = recorded_rate_weight(ckpt)
     return model
 
 
@@ -2442,26 +2539,50 @@ def read_bitstream(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[H
 @torch.no_grad()
 def encode_image(
     model: DiffusionHyperprior, x: torch.Tensor, max_pixels: int = DEFAULT_MAX_PIXELS, model_id: bytes | None = None,
-    quality: float | None = None, reconstruct: bool = False,
+    quality: float | None = None, reconstruct: bool = False, effort: int = 0, progress: bool = False,
 ) -> bytes | tuple[bytes, torch.Tensor]:  # fmt: skip
     """One image, float in [0, 1] or uint8, RGB (3, H, W) or greyscale (1, H, W: coded as three
     equal channels, the file says so) -> the bytes of a file (and, with ``reconstruct``, the picture its decoder will
     show). Variable-rate models take ``quality``. Pass ``model_id`` (the model's ``fingerprint()``)
-    when coding many images, to hash the weights once."""
+    when coding many images, to hash the weights once.
+
+    ``effort`` > 0 searches the latent (``DiffusionHyperprior.search``, ``EFFORT_ITERATIONS[effort]``
+    iterations; up to ``SEARCH_MAX_PIXELS``) and keeps whichever of the searched and the analysis
+    transforms' latent has the lower real D + lambda * bpp (real bytes, the decoded picture), so
+    a higher effort is never worse; 0 codes the analysis transforms' latent. The decoder is the same."""
     height, width = x.shape[-2:]
     if x.dim() != 3 or x.shape[0] not in (1, 3):
         raise ValueError(f"an image is (3, H, W) or (1, H, W), not {tuple(x.shape)}")
     if height * width > max_pixels:
         raise BitstreamError(f"the image has {width}x{height} pixels, over the limit of {max_pixels}")
+    if not 0 <= effort < len(EFFORT_ITERATIONS):
+        raise ValueError(f"effort is 0 to {len(EFFORT_ITERATIONS) - 1}, not {effort}")
+    if effort and height * width > SEARCH_MAX_PIXELS:
+        raise ValueError(f"the latent search holds at most {SEARCH_MAX_PIXELS} pixels ({width}x{height} given): code it at effort 0")
     grey = x.shape[0] == 1
-    out = model.compress(x.expand(3, height, width).unsqueeze(0).to(next(model.parameters()).device), quality)
-    header = Header(model.config.mode, model_id or model.fingerprint(), height, width, model.inference_steps,
-                    out["digests"][0], model.quality_code(quality), out["z_digests"][0], grey)  # fmt: skip
-    data = write_bitstream(header, [s[0] for s in out["strings"]])
-    if not reconstruct:
-        return data
-    x_hat = model.synthesize(out["y_hat"], height, width)[0]
-    return data, x_hat.mean(0, keepdim=True) if grey else x_hat
+    batch = x.expand(3, height, width).unsqueeze(0).to(next(model.parameters()).device)
+    candidates = [None]
+    if effort:
+        candidates.append(model.search(batch, EFFORT_ITERATIONS[effort], quality, progress=progress))
+    best = None
+    for latents in candidates:
+        out = model.compress(batch, quality, latents)
+        header = Header(model.config.mode, model_id or model.fingerprint(), height, width, model.inference_steps,
+                        out["digests"][0], model.quality_code(quality), out["z_digests"][0], grey)  # fmt: skip
+        data = write_bitstream(header, [s[0] for s in out["strings"]])
+        x_hat = None
+        if reconstruct or effort:
+            x_hat = model.synthesize(out["y_hat"], height, width)[0]
+            x_hat = x_hat.mean(0, keepdim=True) if grey else x_hat
+        if effort:
+            reference = x.to(x_hat.device).float() / (255 if x.dtype == torch.uint8 else 1)
+            cost = float((x_hat - reference).square().mean()) + model.rate_weight(quality) * 8 * len(data) / (height * width)
+            if best is not None and cost >= best[0]:
+                continue
+            best = (cost, data, x_hat)
+        else:
+            best = (0.0, data, x_hat)
+    return (best[1], best[2]) if reconstruct else best[1]
 
 
 @torch.no_grad()
@@ -2513,13 +2634,17 @@ TARGETS = ("size", "psnr")
 def encode_to_target(
     model: DiffusionHyperprior, x: torch.Tensor, kind: str, target: float, max_encodes: int = 8,
     tolerance: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, model_id: bytes | None = None,
+    effort: int = 0, progress: bool = False,
 ) -> TargetResult:  # fmt: skip
     """Search a variable-rate model's quality for a file of ``target`` bytes (``kind`` "size":
     within ``tolerance`` x target, default 2%) or a reconstruction of ``target`` dB PSNR ("psnr":
     within ``tolerance`` dB, default 0.1), as ``cwebp -size`` / ``-psnr`` do: both grow with
     quality, so the search brackets the target and interpolates (in log bytes, or in dB) between
     the bracket's ends, at most ``max_encodes`` encodes. Returns the closest file found and
-    whether it is within the tolerance (it is not where the target lies outside the range)."""
+    whether it is within the tolerance (it is not where the target lies outside the range).
+    With ``effort`` > 0 the quality is searched at effort 0, the file coded at ``effort`` at the
+    quality found, and the target checked again: the searched file is kept if it meets the target
+    or comes closer to it than the effort-0 one (``encodes`` counts it)."""
     levels = model.config.rate_levels
     if not levels:
         raise ValueError("a target size or PSNR needs a variable-rate checkpoint (this one codes at one rate)")
@@ -2529,8 +2654,8 @@ def encode_to_target(
     model_id = model_id or model.fingerprint()
     reference = (x.float() / 255 if x.dtype == torch.uint8 else x).unsqueeze(0)
 
-    def measure(quality: float) -> tuple[float, bytes]:
-        data, x_hat = encode_image(model, x, max_pixels, model_id, quality, reconstruct=True)
+    def measure(quality: float, effort: int = 0) -> tuple[float, bytes]:
+        data, x_hat = encode_image(model, x, max_pixels, model_id, quality, reconstruct=True, effort=effort, progress=progress)
         value = float(len(data)) if kind == "size" else lic_common.psnr(reference, x_hat.cpu()[None])
         return value, data
 
@@ -2558,7 +2683,13 @@ def encode_to_target(
         if hi[0] - lo[0] < 2**-QUALITY_FRACTION_BITS:
             break
     _, quality, value, data = min(tried, key=lambda t: t[0])
-    return TargetResult(data, quality, value, within(value), len(tried))
+    encodes = len(tried)
+    if effort:
+        searched_value, searched = measure(quality, effort)
+        encodes += 1
+        if within(searched_value) or abs(searched_value - target) < abs(value - target):
+            value, data = searched_value, searched
+    return TargetResult(data, quality, value, within(value), encodes)
 
 
 # ---- Command line ----
@@ -2594,6 +2725,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             rate.add_argument("--target_size", type=int, default=None, help="variable-rate checkpoint: search the quality for a file of this many bytes (within 2%%)")
             rate.add_argument("--target_psnr", type=float, default=None, help="variable-rate checkpoint: search the quality for this PSNR in dB (within 0.1 dB)")
             p.add_argument("--max_encodes", type=int, default=8, help="encodes a target search may take")
+            p.add_argument("--effort", type=int, default=DEFAULT_EFFORT, choices=range(len(EFFORT_ITERATIONS)),
+                           help=f"encoder effort: 0 codes the analysis transform's latent; 1 to {len(EFFORT_ITERATIONS) - 1} search a better one "
+                                f"({', '.join(map(str, EFFORT_ITERATIONS[1:]))} iterations; smaller files at equal quality, slower encoding, "
+                                f"the same decoder), up to {SEARCH_MAX_PIXELS} pixels")  # fmt: skip
     p = sub.add_parser("convert", formatter_class=fmt,
                        help="a float (format 2) checkpoint -> the exact integer form (format 3), calibrated on training images")
     p.add_argument("input", help="codec checkpoint to convert")
@@ -2684,16 +2819,25 @@ def run_compress(args: argparse.Namespace) -> dict:
         levels = model.config.rate_levels
         if levels and target is None and args.quality is None:
             raise ValueError(f"this checkpoint is variable-rate: give --quality (1 to {levels}) or a --target_bpp / --target_size / --target_psnr")
+        effort = args.effort
+        if effort and height * width > SEARCH_MAX_PIXELS:
+            effort = 0
+            _say(f"note: {src}: {width}x{height} is over the latent search's {SEARCH_MAX_PIXELS} pixels: coded at effort 0", sys.stderr)
+        if effort and model.lambda_rate is None and not levels:
+            effort = 0
+            _say(f"note: {src}: the checkpoint does not record the rate weight it was trained for: coded at effort 0", sys.stderr)
+        progress = args.progress and len(_jobs(args)) == 1  # several files: one bar over the files
         start = time.perf_counter()
         found = None
         if target is None:
-            data = encode_image(model, x, args.max_pixels, model_id, quality=args.quality)
+            data = encode_image(model, x, args.max_pixels, model_id, quality=args.quality, effort=effort, progress=progress)
         else:
-            found = encode_to_target(model, x, *target, max_encodes=args.max_encodes, max_pixels=args.max_pixels, model_id=model_id)
+            found = encode_to_target(model, x, *target, max_encodes=args.max_encodes, max_pixels=args.max_pixels,
+                                     model_id=model_id, effort=effort, progress=progress)  # fmt: skip
             data = found.data
         seconds = time.perf_counter() - start
         lic_common.write_bytes_atomic(dst, data)
-        result = {"bytes": len(data), "bpp": 8 * len(data) / (height * width), "encode_seconds": seconds}
+        result = {"bytes": len(data), "bpp": 8 * len(data) / (height * width), "encode_seconds": seconds, "effort": effort}
         quality = found.quality if found else args.quality
         if quality is not None:
             quality = model.recorded_quality(quality)
@@ -2704,7 +2848,7 @@ def run_compress(args: argparse.Namespace) -> dict:
             reached = f"{found.value:.0f} bytes" if target[0] == "size" else f"{found.value:.2f} dB"
             note += f" ({'reached' if found.met else 'closest this checkpoint reaches to'} {asked}: {reached}, {found.encodes} encodes)"
         grey = ", greyscale" if mode.grey else ""
-        _say(f"{src} ({width}x{height}{grey}) -> {dst}: {len(data)} bytes, {result['bpp']:.4f} bpp{note}, {seconds:.2f} s")
+        _say(f"{src} ({width}x{height}{grey}) -> {dst}: {len(data)} bytes, {result['bpp']:.4f} bpp{note}, effort {effort}, {seconds:.2f} s")
         return result | ({"quality": quality} if quality is not None else {})
 
     return _run_each(args, code_one)

@@ -137,8 +137,10 @@ class LearnedCodec(Codec):
     """This project's codec (the whole file is counted) or a CompressAI model (its strings, as
     ``eval_model`` counts them; images padded with zeros to a multiple of 64 and cropped back)."""
 
-    def __init__(self, label: str, point: str, model: nn.Module, device: torch.device, quality: float | None = None, model_id=None):
+    def __init__(self, label: str, point: str, model: nn.Module, device: torch.device, quality: float | None = None, model_id=None,
+                 effort: int = 0):  # fmt: skip
         self.label, self.point, self.model, self.device = label, point, model.to(device).eval(), device
+        self.effort = effort if isinstance(model, bk.DiffusionHyperprior) else 0  # the encoder's latent search (ours)
         self.ours = isinstance(model, bk.DiffusionHyperprior)
         self.model_id = (model_id or model.fingerprint()) if self.ours else None
         self.quality = quality  # a variable-rate checkpoint's rate point
@@ -155,7 +157,7 @@ class LearnedCodec(Codec):
         _sync(self.device)
         t0 = time.perf_counter()
         if self.ours:
-            data = bk.encode_image(self.model, x, max_pixels=h * w, model_id=self.model_id, quality=self.quality)
+            data = bk.encode_image(self.model, x, max_pixels=h * w, model_id=self.model_id, quality=self.quality, effort=self.effort)
         else:
             enc = self.model.compress(self._pad(x[None]))
             data = b"".join(s[0] for s in enc["strings"])
@@ -262,14 +264,14 @@ def build_codecs(args: argparse.Namespace, device: torch.device) -> list[Codec]:
             if args.qualities and not levels:
                 raise ValueError(f"--qualities: {path} codes at one rate (a variable-rate checkpoint sweeps qualities)")
             if not levels:
-                codecs.append(LearnedCodec(name, point, model, device))
+                codecs.append(LearnedCodec(name, point, model, device, effort=args.effort))
                 continue
             qualities = args.qualities or [float(q) for q in range(1, levels + 1)]
             if any(not 1 <= q <= levels for q in qualities):
                 raise ValueError(f"--qualities: {path} takes qualities in [1, {levels}], got {qualities}")
             qualities = [model.recorded_quality(q) for q in qualities]  # as files record them
             model_id = model.fingerprint()  # one curve from one checkpoint, a rate point per quality
-            codecs += [LearnedCodec(name, f"{point}@q{q:g}", model, device, q, model_id) for q in qualities]
+            codecs += [LearnedCodec(name, f"{point}@q{q:g}", model, device, q, model_id, args.effort) for q in qualities]
     for name in args.classical:
         codecs += [PillowCodec(name, q) for q in getattr(args, f"{name}_qualities") or DEFAULT_QUALITIES[name]]
     if not codecs:
@@ -340,6 +342,7 @@ def evaluate(codecs: list[Codec], files: list[Path], args: argparse.Namespace, d
             bpp_est = math.nan
             if p in estimates:
                 bpp_est, x_fwd = estimates[p]
+            if p in estimates and not getattr(codec, "effort", 0):  # a searched latent is not the forward pass's
                 matches = bool(torch.equal(lic_common.to_uint8(x_fwd), lic_common.to_uint8(x_hat)))
                 if not matches:
                     diff = (lic_common.to_uint8(x_fwd).int() - lic_common.to_uint8(x_hat).int()).abs()
@@ -514,6 +517,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--use_pretrained_vae", action=argparse.BooleanOptionalAction, default=None, help="require checkpoints with (or without) BK-SDM's VAE")
     p.add_argument("--use_pretrained_unet", action=argparse.BooleanOptionalAction, default=None, help="require checkpoints with (or without) BK-SDM's U-Net")
     p.add_argument("--diffusion_steps", type=int, default=None, help="reverse steps: the checkpoints' (default) or 0 (the hyper-decoder alone)")
+    p.add_argument("--effort", type=int, default=0, choices=range(len(bk.EFFORT_ITERATIONS)),
+                   help="our encoder's effort (compress --effort): 0 codes the analysis transform's latent, as the estimate does; "
+                        "higher levels search a better one per image")  # fmt: skip
     p.add_argument("--data_path", required=True, help="folder of images (e.g. ../shared/data/kodak)")
     p.add_argument("--output_dir", default="./evaluation_results", help="where results go")
     p.add_argument("--batch_size", type=int, default=2, help="images per forward pass for the likelihood estimate")

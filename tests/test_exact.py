@@ -1,6 +1,7 @@
 """The exact integer entropy model: files decode to the same latent whatever the thread count,
 oneDNN setting, memory format or batch, and a decoder that reaches another latent refuses."""
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -197,6 +198,87 @@ def test_the_command_line_refuses_a_wrong_decode_without_writing(checkpoint, tmp
                         "--checkpoint", str(checkpoint)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "checksum" in r.stderr and "Traceback" not in r.stderr
     assert not png.exists()
+
+
+# ---- encoder effort: the latent search ----
+
+SEARCH_LAMBDA = 0.01
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A checkpoint recording its rate weight, whose latent carries enough bits for the search to
+    trade (g_a's output scaled up, g_s's input scaled down), and a picture; -> (path, model, x)."""
+    model = trained_like(bk.create_diffusion_hyperprior_model(**TINY))
+    with torch.no_grad():
+        model.g_a[-1].weight.mul_(20)
+        model.g_s[0].weight.div_(20)
+    model.calibrate([torch.rand(3, 64, 64) for _ in range(2)])
+    model.update(force=True)
+    path = tmp_path_factory.mktemp("effort") / "codec.pth"
+    lic_common.save_checkpoint(bk.slim_checkpoint(model.checkpoint_payload(), half=False) | {"lambda_rate": SEARCH_LAMBDA}, path)
+    model, _ = bk.load_codec(path)
+    return path, model, lic_common.load_image(write_image(path.parent / "photo.png", (72, 104)))
+
+
+def real_cost(model, x, data):
+    x_hat = bk.decode_image(model, data)
+    return (x_hat - x).square().mean().item() + SEARCH_LAMBDA * 8 * len(data) / (x.shape[1] * x.shape[2])
+
+
+def test_the_search_lowers_the_real_cost_and_effort_keeps_the_better_file(searched):
+    path, model, x = searched
+    assert model.lambda_rate == SEARCH_LAMBDA and model.rate_weight() == SEARCH_LAMBDA
+    amortized = bk.encode_image(model, x)
+    assert bk.encode_image(model, x, effort=0) == amortized
+    header = bk.read_bitstream(amortized)[0]
+
+    def coded(latents):  # the file encode_image writes for these latents
+        out = model.compress(x[None], None, latents)
+        return bk.write_bitstream(dataclasses.replace(header, digest=out["digests"][0], z_digest=out["z_digests"][0]),
+                                  [s[0] for s in out["strings"]])  # fmt: skip
+
+    assert coded(None) == amortized
+    searched_file = coded(model.search(x[None], bk.EFFORT_ITERATIONS[2]))
+    assert real_cost(model, x, searched_file) < real_cost(model, x, amortized)
+    assert len(searched_file) < len(amortized)
+    assert bk.encode_image(model, x, effort=2) == searched_file  # the lower real cost is kept
+    # a searched latent that costs more than the amortized one is not kept
+    worse = coded((model.analyze(x[None]) + 3, None))
+    assert real_cost(model, x, worse) > real_cost(model, x, amortized)
+
+
+def test_files_of_every_effort_decode_to_the_same_latent_in_every_process_configuration(searched, tmp_path):
+    path, model, x = searched
+    files = [tmp_path / f"e{effort}.bksd" for effort in (1, 3)]
+    for effort, f in zip((1, 3), files):
+        f.write_bytes(bk.encode_image(model, x, effort=effort))
+    xs = [[tmp_path / f"{f.stem}-{i}.pt" for i in range(2)] for f in files]
+    run(path, dict(threads=2, onednn=False, jobs=[("decode", f, out[0], None) for f, out in zip(files, xs)]),
+        dict(onednn=False, channels_last=True, jobs=[("decode", f, out[1], None) for f, out in zip(files, xs)]))  # fmt: skip
+    for f, out in zip(files, xs):  # decode_image checked each latent's digest; the pictures agree to float rounding
+        here = bk.decode_image(model, f.read_bytes())
+        assert all((torch.load(o) - here).abs().max() < 1e-3 for o in out)
+
+
+def test_the_command_line_codes_at_an_effort_within_its_limits(searched, checkpoint, tmp_path, monkeypatch, capsys):
+    path, model, x = searched
+    image = write_image(tmp_path / "photo.png", (72, 104))
+    out = tmp_path / "f.bksd"
+    result = bk.main(["compress", str(image), str(out), "--checkpoint", str(path), "--effort", "2"])
+    assert result["effort"] == 2 and out.read_bytes() == bk.encode_image(model, x, effort=2)
+    assert "effort 2" in capsys.readouterr().out
+    assert bk.main(["compress", str(image), str(out), "--checkpoint", str(path)])["effort"] == bk.DEFAULT_EFFORT
+    monkeypatch.setattr(bk, "SEARCH_MAX_PIXELS", 64 * 64)  # over the search's limit: effort 0, said in one line
+    assert bk.main(["compress", str(image), str(out), "--checkpoint", str(path), "--effort", "2"])["effort"] == 0
+    assert out.read_bytes() == bk.encode_image(model, x) and "over the latent search's 4096 pixels" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at most 4096 pixels"):
+        bk.encode_image(model, x, effort=1)
+    monkeypatch.undo()  # a checkpoint that does not record its rate weight codes at effort 0, and says so
+    assert bk.main(["compress", str(image), str(out), "--checkpoint", str(checkpoint), "--effort", "2"])["effort"] == 0
+    assert "does not record the rate weight" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bk.parse_args(["compress", str(image), str(out), "--checkpoint", str(path), "--effort", str(len(bk.EFFORT_ITERATIONS))])
 
 
 # ---- formats ----
