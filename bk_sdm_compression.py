@@ -1987,6 +1987,7 @@ class DiffusionHyperprior(CompressionModel):
         y, z = y.requires_grad_(), z.float().requires_grad_()
         optimizer = torch.optim.Adam([y, z], lr=lr)
         step = self._step_for(quality, 1, x.device)
+        step = None if step is None else step.detach()
         eb, generator = self.entropy_bottleneck, torch.Generator(x.device).manual_seed(seed)
         medians = eb._get_medians().detach().view(1, -1, 1, 1)
         trainable = [p for p in self.parameters() if p.requires_grad]

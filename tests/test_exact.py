@@ -279,6 +279,12 @@ def test_the_command_line_codes_at_an_effort_within_its_limits(searched, checkpo
     assert "does not record the rate weight" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bk.parse_args(["compress", str(image), str(out), "--checkpoint", str(path), "--effort", str(len(bk.EFFORT_ITERATIONS))])
+    # the evaluation script measures our curve at an effort too
+    import evaluate_bk_sdm_compression as ev
+
+    assert ev.parse_args(["--data_path", str(tmp_path), "--effort", "2"]).effort == 2
+    codec = ev.LearnedCodec("ours", "p", model, torch.device("cpu"), effort=2)
+    assert codec.code(x)[0] == bk.encode_image(model, x, effort=2)
 
 
 # ---- formats ----

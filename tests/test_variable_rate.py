@@ -120,6 +120,12 @@ def test_the_target_search_meets_its_tolerance_on_a_small_image(model, kind, tar
         assert abs(len(found.data) - target) <= 0.02 * target
     else:
         assert abs(lic_common.psnr(x[None], bk.decode_image(model, found.data)[None]) - target) <= 0.1
+    if kind == "size":  # at an effort: the quality searched at effort 0, the file coded once more at the effort
+        model.lambda_rate = None  # a variable-rate model's rate weight is its quality's
+        searched = bk.encode_to_target(model, x, kind, target, effort=1)
+        assert searched.encodes == found.encodes + 1 and searched.quality == found.quality
+        assert searched.met or abs(len(searched.data) - target) <= abs(len(found.data) - target)
+        assert bk.decode_image(model, searched.data).shape == x.shape
     beyond = bk.encode_to_target(model, x, "size", 10 * len(hi[0]))  # out of range: the closest, and says so
     assert not beyond.met and beyond.quality == 4.0 and beyond.encodes == 2
 
