@@ -93,27 +93,96 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lic_common  # isort: skip  (before CompressAI: it imports it without a FutureWarning)
-from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-from compressai.layers import GDN
-from compressai.models import CompressionModel
-from compressai.models.base import get_scale_table
-from compressai.models.utils import conv, deconv
+import lic_common
+from lic_common import ARCHITECTURE, EFFORT_ITERATIONS, MODES, REVEALS  # shared with the trainer's and evaluator's command lines
+
+# ---- Command line ----
+# Before CompressAI is imported (several seconds here: it imports torch_geometric), so that --help
+# and argument errors answer at once. What the commands run is at the end of the file.
+
+TILE = 512  # pixels: compress / decompress run analysis and synthesis in tiles of this side (0: whole)
+DEFAULT_MAX_PIXELS = 2**26  # pixels: the largest image a file may hold (decoders refuse larger headers)
+DEFAULT_EFFORT = 1  # the highest whose encode time stays within about 10x effort 0's (docs/2026-12-07-effort.md)
+SEARCH_MAX_PIXELS = 2**22  # the search holds the synthesis transform's activations for backpropagation
+SUFFIXES = {"compress": ".bksd", "decompress": ".png"}  # what --output_dir writes for each input
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("compress", "image file(s) -> compressed file(s)"), ("decompress", "compressed file(s) -> PNG")):
+        p = sub.add_parser(name, help=help_text, formatter_class=fmt)
+        what = "image" if name == "compress" else "compressed file"
+        p.add_argument("paths", nargs="+", metavar="PATH",
+                       help=f"{what} and the file to write (IN OUT), or with --output_dir any number of {what}s")
+        p.add_argument("--output_dir", default=None,
+                       help=f"write DIR/<stem>{SUFFIXES[name]} for every input (the model loads once)")
+        p.add_argument("--checkpoint", required=True, help="codec checkpoint from train_bk_sdm_compression.py")
+        p.add_argument("--device", default="cpu", help="torch device (decode on the device that encoded)")
+        p.add_argument("--bk_sdm_path", default=None, help="where the pretrained BK-SDM parts are, if not where the checkpoint says")
+        p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image (pixels) accepted")
+        p.add_argument("--tile", type=int, default=TILE,
+                       help="analysis and synthesis in tiles of this many pixels a side (memory bounded at any size); 0: whole")
+        p.add_argument("--diffusion_steps", type=int, default=None,
+                       help="reverse steps, the checkpoint's or 0 (default: the checkpoint's to compress, the file's to decompress)")
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar over several inputs")
+        if name == "compress":
+            rate = p.add_mutually_exclusive_group()
+            rate.add_argument("--quality", type=float, default=None, help="variable-rate checkpoint: the quality, a real number from 1 (smallest files) to its level count")
+            rate.add_argument("--target_bpp", type=float, default=None, help="variable-rate checkpoint: search the quality for this many bits per pixel (within 2%%)")
+            rate.add_argument("--target_size", type=int, default=None, help="variable-rate checkpoint: search the quality for a file of this many bytes (within 2%%)")
+            rate.add_argument("--target_psnr", type=float, default=None, help="variable-rate checkpoint: search the quality for this PSNR in dB (within 0.1 dB)")
+            p.add_argument("--max_encodes", type=int, default=8, help="encodes a target search may take")
+            p.add_argument("--effort", type=int, default=DEFAULT_EFFORT, choices=range(len(EFFORT_ITERATIONS)),
+                           help=f"encoder effort: 0 codes the analysis transform's latent; 1 to {len(EFFORT_ITERATIONS) - 1} search a better one "
+                                f"({', '.join(map(str, EFFORT_ITERATIONS[1:]))} iterations; smaller files at equal quality, slower encoding, "
+                                f"the same decoder), up to {SEARCH_MAX_PIXELS} pixels")  # fmt: skip
+    p = sub.add_parser("convert", formatter_class=fmt,
+                       help="a float (format 2) checkpoint -> the exact integer form (format 3), calibrated on training images")
+    p.add_argument("input", help="codec checkpoint to convert")
+    p.add_argument("output", help="exact checkpoint to write")
+    p.add_argument("--data", required=True, help="folder of training images to calibrate on (never the evaluation images)")
+    p.add_argument("--crops", type=int, default=16, help="calibration crops")
+    p.add_argument("--crop_size", type=int, default=256, help="calibration crop size (pixels)")
+    args = parser.parse_args(argv)
+    if args.command == "convert":
+        if args.crops < 1 or args.crop_size < 64:
+            parser.error("--crops must be >= 1 and --crop_size >= 64")
+        return args
+    if args.max_pixels < 1 or args.tile < 0 or (args.diffusion_steps is not None and args.diffusion_steps < 0):
+        parser.error("--max_pixels must be >= 1, --tile and --diffusion_steps >= 0")
+    if args.output_dir is None and len(args.paths) != 2:
+        parser.error(f"give IN OUT, or inputs and --output_dir DIR ({len(args.paths)} paths given)")
+    if args.output_dir is not None:
+        stems = collections.Counter(Path(p).stem for p in args.paths)
+        if max(stems.values()) > 1:
+            parser.error(f"two inputs would write the same file in --output_dir: {', '.join(s for s, n in stems.items() if n > 1)}")
+    if args.command == "compress":
+        if args.max_encodes < 1 or any(v is not None and v <= 0 for v in (args.quality, args.target_bpp, args.target_size, args.target_psnr)):
+            parser.error("--quality, --target_bpp, --target_size, --target_psnr and --max_encodes must be > 0")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])  # --help, or an argument error, ends here; ``main`` parses again
+
+
+with lic_common.quiet_compressai():  # after the command line: --help and argument errors answer before it loads
+    from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+    from compressai.layers import GDN
+    from compressai.models import CompressionModel
+    from compressai.models.base import get_scale_table
+    from compressai.models.utils import conv, deconv
 
 # ---- Configuration ----
 
-ARCHITECTURE = "diffusion-hyperprior"
 CODEC_FORMAT = 3  # 1: the Gaussian DDIM prior; 2: the float entropy model (convert it: ``convert``)
 ENTROPY_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")  # derived by update()
-MODES = ("residual", "z_only")
-REVEALS = ("checkerboard", "channels")
 HYPER_FACTOR = 4  # h_a downsamples the latent twice by 2
 SCRATCH_TIMESTEPS = 1000  # the from-scratch U-Net's timestep range, as a diffusers schedule's
 SEARCH_LR = 0.02  # Adam's step size in the encoder's latent search (``DiffusionHyperprior.search``)
 SEARCH_TAU = (0.5, 0.05)  # its annealing temperature, first and last iteration
-EFFORT_ITERATIONS = (0, 4, 8, 16, 32, 64, 128)  # search iterations at each --effort (0: the analysis transforms' latent)
-DEFAULT_EFFORT = 1  # the highest whose encode time stays within about 10x effort 0's (docs/2026-12-07-effort.md)
-SEARCH_MAX_PIXELS = 2**22  # the search holds the synthesis transform's activations for backpropagation
 
 
 @dataclass
@@ -228,7 +297,6 @@ def hyper_synthesis(N: int, M: int) -> nn.Sequential:
     )  # fmt: skip
 
 
-TILE = 512  # pixels: compress / decompress run analysis and synthesis in tiles of this side (0: whole)
 
 
 def receptive_halo(transform: nn.Module) -> int | None:
@@ -2459,7 +2527,6 @@ GREY = 1  # flags: the picture is greyscale (coded as three equal channels, deco
 NO_QUALITY = 0xFFFF  # the quality field of a fixed-rate model's file
 _LENGTH = struct.Struct(">I")
 _CRC = struct.Struct(">I")
-DEFAULT_MAX_PIXELS = 2**26
 
 
 class BitstreamError(ValueError):
@@ -2694,66 +2761,6 @@ def encode_to_target(
 
 
 # ---- Command line ----
-
-
-SUFFIXES = {"compress": ".bksd", "decompress": ".png"}  # what --output_dir writes for each input
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("compress", "image file(s) -> compressed file(s)"), ("decompress", "compressed file(s) -> PNG")):
-        p = sub.add_parser(name, help=help_text, formatter_class=fmt)
-        what = "image" if name == "compress" else "compressed file"
-        p.add_argument("paths", nargs="+", metavar="PATH",
-                       help=f"{what} and the file to write (IN OUT), or with --output_dir any number of {what}s")
-        p.add_argument("--output_dir", default=None,
-                       help=f"write DIR/<stem>{SUFFIXES[name]} for every input (the model loads once)")
-        p.add_argument("--checkpoint", required=True, help="codec checkpoint from train_bk_sdm_compression.py")
-        p.add_argument("--device", default="cpu", help="torch device (decode on the device that encoded)")
-        p.add_argument("--bk_sdm_path", default=None, help="where the pretrained BK-SDM parts are, if not where the checkpoint says")
-        p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image (pixels) accepted")
-        p.add_argument("--tile", type=int, default=TILE,
-                       help="analysis and synthesis in tiles of this many pixels a side (memory bounded at any size); 0: whole")
-        p.add_argument("--diffusion_steps", type=int, default=None,
-                       help="reverse steps, the checkpoint's or 0 (default: the checkpoint's to compress, the file's to decompress)")
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar over several inputs")
-        if name == "compress":
-            rate = p.add_mutually_exclusive_group()
-            rate.add_argument("--quality", type=float, default=None, help="variable-rate checkpoint: the quality, a real number from 1 (smallest files) to its level count")
-            rate.add_argument("--target_bpp", type=float, default=None, help="variable-rate checkpoint: search the quality for this many bits per pixel (within 2%%)")
-            rate.add_argument("--target_size", type=int, default=None, help="variable-rate checkpoint: search the quality for a file of this many bytes (within 2%%)")
-            rate.add_argument("--target_psnr", type=float, default=None, help="variable-rate checkpoint: search the quality for this PSNR in dB (within 0.1 dB)")
-            p.add_argument("--max_encodes", type=int, default=8, help="encodes a target search may take")
-            p.add_argument("--effort", type=int, default=DEFAULT_EFFORT, choices=range(len(EFFORT_ITERATIONS)),
-                           help=f"encoder effort: 0 codes the analysis transform's latent; 1 to {len(EFFORT_ITERATIONS) - 1} search a better one "
-                                f"({', '.join(map(str, EFFORT_ITERATIONS[1:]))} iterations; smaller files at equal quality, slower encoding, "
-                                f"the same decoder), up to {SEARCH_MAX_PIXELS} pixels")  # fmt: skip
-    p = sub.add_parser("convert", formatter_class=fmt,
-                       help="a float (format 2) checkpoint -> the exact integer form (format 3), calibrated on training images")
-    p.add_argument("input", help="codec checkpoint to convert")
-    p.add_argument("output", help="exact checkpoint to write")
-    p.add_argument("--data", required=True, help="folder of training images to calibrate on (never the evaluation images)")
-    p.add_argument("--crops", type=int, default=16, help="calibration crops")
-    p.add_argument("--crop_size", type=int, default=256, help="calibration crop size (pixels)")
-    args = parser.parse_args(argv)
-    if args.command == "convert":
-        if args.crops < 1 or args.crop_size < 64:
-            parser.error("--crops must be >= 1 and --crop_size >= 64")
-        return args
-    if args.max_pixels < 1 or args.tile < 0 or (args.diffusion_steps is not None and args.diffusion_steps < 0):
-        parser.error("--max_pixels must be >= 1, --tile and --diffusion_steps >= 0")
-    if args.output_dir is None and len(args.paths) != 2:
-        parser.error(f"give IN OUT, or inputs and --output_dir DIR ({len(args.paths)} paths given)")
-    if args.output_dir is not None:
-        stems = collections.Counter(Path(p).stem for p in args.paths)
-        if max(stems.values()) > 1:
-            parser.error(f"two inputs would write the same file in --output_dir: {', '.join(s for s, n in stems.items() if n > 1)}")
-    if args.command == "compress":
-        if args.max_encodes < 1 or any(v is not None and v <= 0 for v in (args.quality, args.target_bpp, args.target_size, args.target_psnr)):
-            parser.error("--quality, --target_bpp, --target_size, --target_psnr and --max_encodes must be > 0")
-    return args
 
 
 def _jobs(args: argparse.Namespace) -> list[tuple[str, Path]]:

@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-import bk_sdm_compression as bk
 import lic_common
+
+bk = lic_common.lazy_import("bk_sdm_compression")  # the codec (and CompressAI) load at first use: --help answers before
 
 # ---- Codecs under a common interface ----
 
@@ -517,7 +518,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--use_pretrained_vae", action=argparse.BooleanOptionalAction, default=None, help="require checkpoints with (or without) BK-SDM's VAE")
     p.add_argument("--use_pretrained_unet", action=argparse.BooleanOptionalAction, default=None, help="require checkpoints with (or without) BK-SDM's U-Net")
     p.add_argument("--diffusion_steps", type=int, default=None, help="reverse steps: the checkpoints' (default) or 0 (the hyper-decoder alone)")
-    p.add_argument("--effort", type=int, default=0, choices=range(len(bk.EFFORT_ITERATIONS)),
+    p.add_argument("--effort", type=int, default=0, choices=range(len(lic_common.EFFORT_ITERATIONS)),
                    help="our encoder's effort (compress --effort): 0 codes the analysis transform's latent, as the estimate does; "
                         "higher levels search a better one per image")  # fmt: skip
     p.add_argument("--data_path", required=True, help="folder of images (e.g. ../shared/data/kodak)")

@@ -37,16 +37,18 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import lic_common  # isort: skip  (before CompressAI: it imports it without a FutureWarning)
-from compressai.layers import GDN
-from compressai.models import FactorizedPrior
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+
+import lic_common
+
+if TYPE_CHECKING:  # CompressAI loads with the teacher (load_teacher), so that --help answers before it
+    from compressai.models import FactorizedPrior
 
 # ---- Building blocks ----
 
@@ -154,6 +156,8 @@ def set_trainable(student: nn.Module, stage: str, train_igdn: bool = False, unfr
     ``unfreeze_all``). finetune: the whole decoder ``g_s`` (less its inverse GDNs with
     ``freeze_igdn``); the encoder and entropy model stay the teacher's.
     """
+    from compressai.layers import GDN  # loaded with the teacher (CompressAI is imported only when needed: fast --help)
+
     student.requires_grad_(False)
     for module in student.g_s:
         if isinstance(module, UpsampleConv):
@@ -173,6 +177,9 @@ def set_trainable(student: nn.Module, stage: str, train_igdn: bool = False, unfr
 def load_teacher(args: argparse.Namespace) -> FactorizedPrior:
     """CompressAI's pretrained model (downloads), or a local checkpoint: CompressAI's own
     (``state_dict`` / ``network`` / bare) or one of ``train_bk_sdm_compression.py``."""
+    with lic_common.quiet_compressai():  # imported here, not at the top: --help answers before it loads
+        from compressai.models import FactorizedPrior
+        from compressai.zoo import bmshj2018_factorized
     if args.teacher_checkpoint:
         ckpt = lic_common.load_checkpoint(args.teacher_checkpoint)
         arch = ckpt.get("architecture", "bmshj2018-factorized")
@@ -184,8 +191,6 @@ def load_teacher(args: argparse.Namespace) -> FactorizedPrior:
         except (KeyError, RuntimeError) as e:
             raise lic_common.CheckpointError(f"{args.teacher_checkpoint} does not hold a bmshj2018-factorized model: {e}") from e
     else:
-        from compressai.zoo import bmshj2018_factorized
-
         try:
             teacher = bmshj2018_factorized(quality=args.quality, pretrained=True)
         except Exception as e:

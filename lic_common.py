@@ -8,21 +8,25 @@
 - files: atomic writing (checkpoints, result JSON, images) and ``weights_only`` checkpoint loading;
 - seeding;
 - run plumbing: joining a ``torchrun`` process group, and Weights & Biases when asked for;
-- importing CompressAI quietly: it imports torch_geometric, whose ``torch.jit.script`` calls warn
-  (FutureWarning) on every command. Import this module before CompressAI to keep that away.
+- start-up: the codec's names and effort levels its command lines offer, ``lazy_import``, and
+  importing CompressAI quietly (``quiet_compressai``): it imports torch_geometric, whose
+  ``torch.jit.script`` calls warn (FutureWarning) on every command.
 
-Importing this module has no side effects beyond importing CompressAI.
+Importing this module has no side effects, and it does not import CompressAI (several seconds
+here: torch_geometric), so that the scripts answer ``--help`` before it loads.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import math
 import os
 import sys
 import random
 import tempfile
+import types
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,9 +39,39 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pytorch_msssim import ms_ssim as _ms_ssim
 from pytorch_msssim import ssim as _ssim
 
-with warnings.catch_warnings():  # see the module docstring; the filter ends with this block
-    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-    import compressai  # noqa: F401
+
+@contextmanager
+def quiet_compressai():
+    """Import CompressAI inside this block: it imports torch_geometric, whose ``torch.jit.script``
+    calls warn (FutureWarning) on every command; the filter ends with the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        yield
+
+# ---- Start-up ----
+
+# The diffusion-hyperprior codec's names and levels that its three scripts' command lines offer
+# (bk_sdm_compression.py re-exports them): their parsers read them here, before the codec loads.
+ARCHITECTURE = "diffusion-hyperprior"  # what its checkpoints say they hold
+MODES = ("residual", "z_only")
+REVEALS = ("checkerboard", "channels")
+EFFORT_ITERATIONS = (0, 4, 8, 16, 32, 64, 128)  # the latent search's iterations at each --effort (0: none)
+
+
+def lazy_import(name: str) -> types.ModuleType:
+    """``import name``, run at the module's first attribute access (the standard library's recipe,
+    ``importlib.util.LazyLoader``): a script that imports the codec (and so CompressAI) this way
+    answers --help and argument errors before it loads."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module
+
 
 # ---- Image files ----
 

@@ -55,8 +55,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-import bk_sdm_compression as bk
 import lic_common
+
+bk = lic_common.lazy_import("bk_sdm_compression")  # the codec (and CompressAI) load at first use: --help answers before
 
 # ---- Model choices ----
 
@@ -67,7 +68,7 @@ COMPRESSAI_ARCHITECTURES = (
     "mbt2018",
     "cheng2020-anchor",
 )
-MODEL_CHOICES = (bk.ARCHITECTURE, *COMPRESSAI_ARCHITECTURES)
+MODEL_CHOICES = (lic_common.ARCHITECTURE, *COMPRESSAI_ARCHITECTURES)
 
 
 def build_model(config: dict) -> nn.Module:
@@ -504,16 +505,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=bk.ARCHITECTURE, choices=MODEL_CHOICES, help="architecture to train")
+    g.add_argument("--model", default=lic_common.ARCHITECTURE, choices=MODEL_CHOICES, help="architecture to train")
     g.add_argument("--quality", type=int, default=None, choices=range(1, 9), help="CompressAI architectures: take N and M from the zoo's config for this quality (else --N/--M)")
     g.add_argument("--bk_sdm_path", default="nota-ai/bk-sdm-small", help="diffusers folder or hub id of BK-SDM (pretrained parts only)")
     g.add_argument("--N", type=int, default=128, help="channels of the transforms and of z")
     g.add_argument("--M", type=int, default=128, help="latent channels (the VAE's with --use_pretrained_vae)")
     g.add_argument("--diffusion_steps", type=int, default=4, help="reverse steps of the masked-diffusion prior, each revealing one group of the latent (0: the hyper-decoder alone)")
-    g.add_argument("--reveal", default="checkerboard", choices=bk.REVEALS, help="the groups: steps/2 channel slices x 2 checkerboard halves, or steps channel slices")
+    g.add_argument("--reveal", default="checkerboard", choices=lic_common.REVEALS, help="the groups: steps/2 channel slices x 2 checkerboard halves, or steps channel slices")
     g.add_argument("--latent_denoise", action=argparse.BooleanOptionalAction, default=False, help="a last U-Net pass removes what is left of the quantization error (off: sharing the U-Net, it cost the reveal steps their context)")
     g.add_argument("--diffusion_strength", type=float, default=None, help="fraction of the U-Net's timestep range the chain covers (default 1.0 from scratch, 0.2 with BK-SDM's U-Net)")
-    g.add_argument("--mode", default="residual", choices=bk.MODES, help="code the residual around the prediction, or z only")
+    g.add_argument("--mode", default="residual", choices=lic_common.MODES, help="code the residual around the prediction, or z only")
     g.add_argument("--use_pretrained_vae", action=argparse.BooleanOptionalAction, default=False, help="BK-SDM's VAE as analysis/synthesis")
     g.add_argument("--use_pretrained_unet", action=argparse.BooleanOptionalAction, default=False, help="BK-SDM's U-Net as the denoiser")
     g.add_argument("--finetune_pretrained", action=argparse.BooleanOptionalAction, default=False, help="train the pretrained parts too (frozen otherwise)")
@@ -574,7 +575,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--log_interval", type=int, default=10, help="steps between TensorBoard scalars")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     args = p.parse_args(argv)
-    if args.quality is not None and args.model == bk.ARCHITECTURE:
+    if args.quality is not None and args.model == lic_common.ARCHITECTURE:
         p.error("--quality selects a CompressAI architecture's size; use --N/--M for the codec")
     positive = ("N", "M", "unet_channels", "unet_levels", "batch_size", "epochs", "image_size", "val_image_size",
                 "calibration_crops", "val_interval", "log_interval")  # fmt: skip
@@ -587,11 +588,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not (args.lambda_rate > 0 and args.lr > 0 and args.aux_lr > 0):
         p.error("--lambda_rate, --lr and --aux_lr must be > 0")
-    if (args.init_transforms or args.freeze) and args.model != bk.ARCHITECTURE:
+    if (args.init_transforms or args.freeze) and args.model != lic_common.ARCHITECTURE:
         p.error("--init_transforms and --freeze are for the codec (--model diffusion-hyperprior)")
     if args.init_transforms and args.init_from:
         p.error("--init_transforms starts a codec's transforms; --init_from the whole codec: give one")
-    if args.rate_levels and not (args.rate_levels >= 2 and 0 < args.lambda_min < args.lambda_max and args.model == bk.ARCHITECTURE):
+    if args.rate_levels and not (args.rate_levels >= 2 and 0 < args.lambda_min < args.lambda_max and args.model == lic_common.ARCHITECTURE):
         p.error("--rate_levels must be 0 or >= 2, with 0 < --lambda_min < --lambda_max, for the codec (--model diffusion-hyperprior)")
     if not 0 < args.val_fraction < 1 or not 0 <= args.min_lr_ratio <= 1 or args.clip_max_norm < 0:
         p.error("need 0 < --val_fraction < 1, 0 <= --min_lr_ratio <= 1 and --clip_max_norm >= 0")
@@ -603,7 +604,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                 "--mode z_only or --use_pretrained_vae, which make the distortion depend on it, nor --crop_schedule)")
     if args.teacher_forcing == "sampled" and args.decoder_ste_from is not None:
         p.error("--decoder_ste_from needs every step's means: use it with --teacher_forcing all")
-    if args.decoder_ste_from is not None and (args.model != bk.ARCHITECTURE or not 0 <= args.decoder_ste_from <= 1):
+    if args.decoder_ste_from is not None and (args.model != lic_common.ARCHITECTURE or not 0 <= args.decoder_ste_from <= 1):
         p.error("--decoder_ste_from is a fraction of training in [0, 1], for the codec only")
     try:
         CropSchedule(args.crop_schedule or str(args.image_size))

@@ -12,8 +12,8 @@ so every effort's standing against them is measured on the same set.
     python benchmarks/effort_benchmark.py --images 4 --efforts 0 1 2 3 4
 
 Results are cached per (checkpoint, image, effort) in ``--work_dir`` as they are measured, so an
-interrupted run resumes and later runs add efforts or images. Writes ``effort.json``,
-``effort.md`` and ``effort.png`` to ``--output_dir`` from everything cached for the images asked.
+interrupted run resumes and later runs add efforts or images. Writes ``effort<TAG>.json``,
+``.md`` and ``.png`` to ``--output_dir`` from everything cached for the images and efforts asked.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--work_dir", default=str(ROOT / "benchmarks" / "runs" / "effort"), help="the cache of measurements")
     p.add_argument("--output_dir", default=str(ROOT / "benchmarks" / "results"), help="where the JSON, Markdown and plot go")
+    p.add_argument("--tag", default="", help="appended to the output files' names (effort<TAG>.json ...), to keep several runs' summaries")
     args = p.parse_args(argv)
     if args.images < 1 or args.threads < 1 or 0 not in args.efforts or min(args.efforts) < 0:
         p.error("--images and --threads must be >= 1, and --efforts must hold 0 (the anchor) and no negative level")
@@ -135,9 +136,9 @@ def summarize(args: argparse.Namespace, images: list[Path], cache: dict) -> dict
             "levels": levels, "classical": reference, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
 
 
-def write_outputs(summary: dict, out: Path) -> None:
+def write_outputs(summary: dict, out: Path, tag: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "effort.json").write_text(json.dumps(summary, indent=1))
+    (out / f"effort{tag}.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# Encoder effort ({summary['date']})", "",
              f"{len(summary['checkpoints'])} checkpoints, Kodak images {', '.join(summary['images'])}, {summary['threads']} threads, real files.", "",
              "| effort | iterations | BD-rate PSNR vs 0 | BD-rate MS-SSIM vs 0 | encode s / image | x effort 0 | decode x effort 0 | vs JPEG (PSNR) | vs WebP (PSNR) |",
@@ -147,7 +148,7 @@ def write_outputs(summary: dict, out: Path) -> None:
         lines.append(f"| {lv['effort']} | {lv['iterations']} | {a['bd_rate_psnr']:+.2f}% | {a['bd_rate_ms_ssim']:+.2f}% | "
                      f"{lv['encode_seconds']:.2f} | {lv['encode_ratio']:.1f}x | {lv['decode_ratio']:.2f}x | "
                      f"{vs['JPEG']['bd_rate_psnr']:+.1f}% | {vs['WebP']['bd_rate_psnr']:+.1f}% |")  # fmt: skip
-    (out / "effort.md").write_text("\n".join(lines) + "\n")
+    (out / f"effort{tag}.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +169,7 @@ def write_outputs(summary: dict, out: Path) -> None:
     ax[1].set(xlabel="bpp", ylabel="PSNR (dB)", xlim=(0, 1.1), title="rate-distortion")
     ax[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "effort.png", dpi=120)
+    fig.savefig(out / f"effort{tag}.png", dpi=120)
 
 
 def main(argv: list[str]) -> dict:
@@ -179,8 +180,8 @@ def main(argv: list[str]) -> dict:
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     measure(args, images, cache, cache_path)
     summary = summarize(args, images, cache)
-    write_outputs(summary, Path(args.output_dir))
-    print((Path(args.output_dir) / "effort.md").read_text())
+    write_outputs(summary, Path(args.output_dir), args.tag)
+    print((Path(args.output_dir) / f"effort{args.tag}.md").read_text())
     return summary
 
 
