@@ -63,6 +63,11 @@ downsampling factor and cropped back after decoding. ``compress`` / ``decompress
 analysis and synthesis transforms in tiles with a halo of their receptive field (``run_tiled``)
 and the integer network in blocks of rows, so memory stays bounded at any size.
 
+The encoder may spend time on a better latent than the analysis transforms' one (``search``,
+``compress --effort``): from it, Adam steps on y and z minimise this codec's own D + lambda * bpp
+under stochastic Gumbel annealing (Yang, Bamler & Mandt 2020, "Improving inference for neural image
+compression"); the result is coded like any latent, so decoders and files do not change.
+
 Command line (a checkpoint written by ``train_bk_sdm_compression.py``, or a shipped one):
     python bk_sdm_compression.py compress IMAGE OUT.bksd --checkpoint CKPT
     python bk_sdm_compression.py decompress OUT.bksd OUT.png --checkpoint CKPT
@@ -1627,7 +1632,8 @@ class DiffusionHyperprior(CompressionModel):
     ``forward(x)`` -> {"x_hat", "y", "z", "y_hat", "prediction", "scales", "likelihoods": {"y"?, "z"}};
     ``compress(x)`` -> {"strings", "shape"}: one string list per revealed group, then z's, with
     ``shape`` the image's (H, W), and the ``digests`` of the latent the decoder must reach;
-    ``decompress(strings, shape, digests=...)`` -> {"x_hat", "y_hat", "digests"} (it refuses another latent).
+    ``decompress(strings, shape, digests=...)`` -> {"x_hat", "y_hat", "digests"} (it refuses another latent);
+    ``search(x, iterations)`` -> (y, z), a latent for ``compress(x, latents=...)`` of lower D + lambda R.
     """
 
     def __init__(

@@ -1,6 +1,7 @@
 """Photographs of any size, many at once: what the command line costs in memory and time.
 
-Three measurements of ``bk_sdm_compression.py`` as a user runs it, one command:
+Three measurements of ``bk_sdm_compression.py`` as a user runs it (at ``--effort 0``: the
+analysis transforms' latent, whose cost the latent search adds to), one command:
 
 - **sizes** (``--stage sizes``): a photograph resized (bicubic) to each of ``--megapixels`` (4:3)
   is compressed and the file decompressed, each call in its own process with ``--threads``
@@ -98,7 +99,7 @@ def measure_sizes(args) -> list[dict]:
         src = picture(args, mp)
         data, back = src.with_suffix(".bksd"), src.with_name(src.stem + "-decoded.png")
         row = {"megapixels": mp}
-        for kind, argv in (("compress", ["compress", str(src), str(data)]), ("decompress", ["decompress", str(data), str(back)])):
+        for kind, argv in (("compress", ["compress", str(src), str(data), "--effort", "0"]), ("decompress", ["decompress", str(data), str(back)])):
             r = call(["bk_sdm_compression.py", *argv, "--checkpoint", args.checkpoint], args.threads)
             row[kind] = {"wall_s": r["wall_s"], "codec_s": codec_seconds(r["stdout"]), "peak_gib": r["peak_gib"]}
             print(f"{mp:g} MP {kind}: {r['wall_s']:.1f} s wall, {row[kind]['codec_s']:.1f} s codec, peak {r['peak_gib']:.2f} GiB", flush=True)
@@ -110,7 +111,7 @@ def measure_sizes(args) -> list[dict]:
         row["bpp"] = 8 * data.stat().st_size / row["pixels"]
         if mp == min(args.megapixels):  # tiles change no byte: the smallest picture coded whole as well
             whole = src.with_name(src.stem + "-whole.bksd")
-            call(["bk_sdm_compression.py", "compress", str(src), str(whole), "--checkpoint", args.checkpoint, "--tile", "0"], args.threads)
+            call(["bk_sdm_compression.py", "compress", str(src), str(whole), "--checkpoint", args.checkpoint, "--tile", "0", "--effort", "0"], args.threads)
             row["whole_is_the_same_file"] = whole.read_bytes() == data.read_bytes()
         rows.append(row)
     base = rows[0]
@@ -129,9 +130,9 @@ def measure_batch(args) -> dict:
     work = Path(args.work_dir)
     single = 0.0
     for f in files:
-        single += call(["bk_sdm_compression.py", "compress", str(f), str(work / "single" / f"{f.stem}.bksd"), "--checkpoint", args.checkpoint],
+        single += call(["bk_sdm_compression.py", "compress", str(f), str(work / "single" / f"{f.stem}.bksd"), "--checkpoint", args.checkpoint, "--effort", "0"],
                        args.threads)["wall_s"]  # fmt: skip
-    batch = call(["bk_sdm_compression.py", "compress", *map(str, files), "--output_dir", str(work / "batch"), "--checkpoint", args.checkpoint,
+    batch = call(["bk_sdm_compression.py", "compress", *map(str, files), "--output_dir", str(work / "batch"), "--checkpoint", args.checkpoint, "--effort", "0",
                   "--no-progress"], args.threads)  # fmt: skip
     same = all((work / "batch" / f"{f.stem}.bksd").read_bytes() == (work / "single" / f"{f.stem}.bksd").read_bytes() for f in files)
     encode = sum(codec_seconds(line) for line in batch["stdout"].strip().splitlines())
@@ -148,7 +149,7 @@ def measure_startup(args, batch: dict | None) -> dict:
         helps[script] = min(call([script, "--help"], args.threads)["wall_s"] for _ in range(2))
         print(f"{script} --help: {helps[script]:.2f} s", flush=True)
     f = sorted(Path(args.kodak).glob("*.png"))[0]
-    one = call(["bk_sdm_compression.py", "compress", str(f), str(Path(args.work_dir) / "one.bksd"), "--checkpoint", args.checkpoint], args.threads)
+    one = call(["bk_sdm_compression.py", "compress", str(f), str(Path(args.work_dir) / "one.bksd"), "--checkpoint", args.checkpoint, "--effort", "0"], args.threads)
     result = {"help_s": helps, "call_s": one["wall_s"], "fixed_s": one["wall_s"] - codec_seconds(one["stdout"])}
     if batch:
         result["per_further_image_s"] = (batch["one_call_s"] - one["wall_s"]) / (batch["images"] - 1)

@@ -269,10 +269,36 @@ def test_channels_last_computes_the_same_training_forward():
     torch.testing.assert_close(nhwc["likelihoods"]["y"], plain["likelihoods"]["y"], rtol=1e-4, atol=1e-5)
 
 
-def test_no_futurewarning_reaches_the_user():
-    proc = subprocess.run([sys.executable, "-W", "default", str(ROOT / "bk_sdm_compression.py"), "--help"],
+HELP = """
+import runpy, sys
+sys.argv = [{script!r}, *{args!r}]
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+except SystemExit as e:
+    print("exit", e.code, "compressai" in sys.modules)
+"""
+
+
+def test_help_and_argument_errors_answer_before_compressai_loads_and_without_warnings():
+    """--help and a bad flag of every script end before CompressAI (and torch_geometric) is imported."""
+    scripts = ("bk_sdm_compression.py", "train_bk_sdm_compression.py", "evaluate_bk_sdm_compression.py",
+               "finetune_after_distill.py", "token_compress.py")  # fmt: skip
+    runs = [(s, args) for s in scripts for args in (["--help"], ["--no_such_flag"])]
+    procs = [subprocess.Popen([sys.executable, "-W", "default", "-c", HELP.format(script=str(ROOT / s), args=args)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s, args in runs]  # fmt: skip
+    for (script, args), proc in zip(runs, procs):
+        out, err = proc.communicate(timeout=120)
+        code = 0 if args == ["--help"] else 2
+        assert out.strip().endswith(f"exit {code} False"), (script, args, out[-500:], err[-1000:])
+        assert "FutureWarning" not in err and "Traceback" not in err, (script, err[-2000:])
+
+
+def test_no_futurewarning_reaches_the_user_of_a_command(tmp_path):
+    image = write_image(tmp_path / "a.png", (16, 16))
+    proc = subprocess.run([sys.executable, "-W", "default", str(ROOT / "bk_sdm_compression.py"), "compress", str(image),
+                           str(tmp_path / "a.bksd"), "--checkpoint", str(tmp_path / "missing.pth")],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0 and "FutureWarning" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "FutureWarning" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_latent_denoise_changes_only_the_decoded_latent():
