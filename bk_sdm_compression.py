@@ -108,7 +108,7 @@ from lic_common import ARCHITECTURE, EFFORT_ITERATIONS, MODES, REVEALS  # shared
 TILE = 512  # pixels: compress / decompress run analysis and synthesis in tiles of this side (0: whole)
 DEFAULT_MAX_PIXELS = 2**26  # pixels: the largest image a file may hold (decoders refuse larger headers)
 DEFAULT_EFFORT = 1  # the highest whose encode time stays within about 10x effort 0's (docs/2026-12-07-effort.md)
-SEARCH_MAX_PIXELS = 2**22  # the search holds the synthesis transform's activations for backpropagation
+SEARCH_MAX_PIXELS = 2**20  # the search holds the synthesis transform's activations for backpropagation (7.2 GB at 4.2 MP)
 SUFFIXES = {"compress": ".bksd", "decompress": ".png"}  # what --output_dir writes for each input
 
 
