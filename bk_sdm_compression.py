@@ -2406,7 +2406,8 @@ def slim_checkpoint(ckpt: dict, half: bool = True) -> dict:
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.endswith(ENTROPY_TABLES)}
     state = lic_common.half_where_exact(state) if half else state
     keep = {k: ckpt[k] for k in ("exact", "calibration") if k in ckpt}
-    keep |= {"lambda_rate": recorded_rate_weight(ckpt)} if recorded_rate_weight(ckpt) is not None else {}
+    if (lam := recorded_rate_weight(ckpt)) is not None:
+        keep["lambda_rate"] = lam
     return {"architecture": ckpt["architecture"], "codec_format": ckpt.get("codec_format", 1), "config": ckpt["config"],
             "state_dict": state} | keep  # fmt: skip
 
@@ -2635,28 +2636,25 @@ def encode_image(
         raise ValueError(f"the latent search holds at most {SEARCH_MAX_PIXELS} pixels ({width}x{height} given): code it at effort 0")
     grey = x.shape[0] == 1
     batch = x.expand(3, height, width).unsqueeze(0).to(next(model.parameters()).device)
+    model_id = model_id or model.fingerprint()
     candidates = [None]
     if effort:
         candidates.append(model.search(batch, EFFORT_ITERATIONS[effort], quality, progress=progress))
-    best = None
+    coded = []  # (bytes, decoded picture or None) of each candidate latent
     for latents in candidates:
         out = model.compress(batch, quality, latents)
-        header = Header(model.config.mode, model_id or model.fingerprint(), height, width, model.inference_steps,
+        header = Header(model.config.mode, model_id, height, width, model.inference_steps,
                         out["digests"][0], model.quality_code(quality), out["z_digests"][0], grey)  # fmt: skip
-        data = write_bitstream(header, [s[0] for s in out["strings"]])
-        x_hat = None
+        data, x_hat = write_bitstream(header, [s[0] for s in out["strings"]]), None
         if reconstruct or effort:
             x_hat = model.synthesize(out["y_hat"], height, width)[0]
             x_hat = x_hat.mean(0, keepdim=True) if grey else x_hat
-        if effort:
-            reference = x.to(x_hat.device).float() / (255 if x.dtype == torch.uint8 else 1)
-            cost = float((x_hat - reference).square().mean()) + model.rate_weight(quality) * 8 * len(data) / (height * width)
-            if best is not None and cost >= best[0]:
-                continue
-            best = (cost, data, x_hat)
-        else:
-            best = (0.0, data, x_hat)
-    return (best[1], best[2]) if reconstruct else best[1]
+        coded.append((data, x_hat))
+    if effort:  # the lower real D + lambda * bpp; the first (effort 0's) on a tie
+        reference, lam = x.to(batch.device).float() / (255 if x.dtype == torch.uint8 else 1), model.rate_weight(quality)
+        coded.sort(key=lambda c: float((c[1] - reference).square().mean()) + lam * 8 * len(c[0]) / (height * width))
+    data, x_hat = coded[0]
+    return (data, x_hat) if reconstruct else data
 
 
 @torch.no_grad()

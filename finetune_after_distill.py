@@ -156,7 +156,8 @@ def set_trainable(student: nn.Module, stage: str, train_igdn: bool = False, unfr
     ``unfreeze_all``). finetune: the whole decoder ``g_s`` (less its inverse GDNs with
     ``freeze_igdn``); the encoder and entropy model stay the teacher's.
     """
-    from compressai.layers import GDN  # loaded with the teacher (CompressAI is imported only when needed: fast --help)
+    with lic_common.quiet_compressai():  # imported where needed, not at the top: --help answers before it loads
+        from compressai.layers import GDN
 
     student.requires_grad_(False)
     for module in student.g_s:

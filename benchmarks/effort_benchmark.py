@@ -90,13 +90,12 @@ def classical(images: list[Path]) -> dict[str, dict]:
     import evaluate_bk_sdm_compression as ev
     import lic_common
 
-    curves = {}
+    curves, pictures = {}, [lic_common.read_image(image)[0] for image in images]
     for name in ("jpeg", "webp"):
         points = []
         for q in ev.DEFAULT_QUALITIES[name]:
             codec, rows = ev.PillowCodec(name, q), []
-            for image in images:
-                x = lic_common.read_image(image)[0]
+            for x in pictures:
                 data, x_hat, _, _ = codec.code(x)
                 rows.append((8 * len(data) / (x.shape[-2] * x.shape[-1]), *ev.image_metrics(x, x_hat)))
             points.append([sum(r[k] for r in rows) / len(rows) for k in range(3)])
