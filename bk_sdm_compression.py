@@ -306,26 +306,27 @@ def hyper_synthesis(N: int, M: int) -> nn.Sequential:
 
 def receptive_halo(transform: nn.Module) -> int | None:
     """The margin, in units of its input, that a transform made of convolutions and pointwise
-    layers (GDN, activations) reads around each output: a tile run with that much more input on
-    every side has the untiled values inside it. None when it holds anything else (the pretrained
-    VAE's attention and GroupNorm see the whole picture: it cannot be tiled)."""
+    layers (GDN, activations) reads around each output: a tile on the transform's stride grid run
+    with that much more input on every side has the untiled values inside it. Exact, not a bound:
+    the margin goes from the output back to the input, layer by layer (four 5x5 stride-2
+    convolutions read 30 pixels around their latent; four such transposed ones, 2 latent positions
+    around their picture). None when the transform holds anything else (the pretrained VAE's
+    attention and GroupNorm see the whole picture: it cannot be tiled)."""
     def layers(module):  # in order; GDN (and its parametrizers) as one pointwise layer
         children = list(module.children())
         return [module] if isinstance(module, GDN) or not children else [m for c in children for m in layers(c)]
 
-    halo, scale = 0.0, 1.0  # scale: one position of this layer's input, in the transform's input units
-    for layer in layers(transform):
-        if isinstance(layer, nn.Conv2d):
+    halo = 0  # in the units of the current layer's output
+    for layer in reversed(layers(transform)):
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
             (k, _), (s, _), (p, _) = layer.kernel_size, layer.stride, layer.padding
-            halo += max(p, k - 1 - p) * scale
-            scale *= s
-        elif isinstance(layer, nn.ConvTranspose2d):  # output o reads inputs (o + p - k + 1) / s .. (o + p) / s
-            (k, _), (s, _), (p, _) = layer.kernel_size, layer.stride, layer.padding
-            halo += (-(-max(p, k - 1 - p) // s) + 1) * scale
-            scale /= s
+            if isinstance(layer, nn.Conv2d):  # output o reads inputs s o - p .. s o - p + k - 1
+                halo = max(s * halo + p, s * halo + k - s - p)
+            else:  # output o reads inputs ceil((o + p - k + 1) / s) .. floor((o + p) / s)
+                halo = max((halo + k - 1 - p) // s, (halo + p - 1) // s + 1)
         elif not isinstance(layer, (GDN, nn.LeakyReLU, nn.ReLU, nn.GELU, nn.SiLU, nn.Identity)):
             return None
-    return math.ceil(halo)
+    return halo
 
 
 def run_tiled(fn: Callable, x: torch.Tensor, tile: int, halo: int, up: int = 1, down: int = 1) -> torch.Tensor:

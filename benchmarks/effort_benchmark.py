@@ -10,6 +10,7 @@ mean encode seconds per image and their ratio to effort 0's, and decode time as 
 so every effort's standing against them is measured on the same set.
 
     python benchmarks/effort_benchmark.py --images 4 --efforts 0 1 2 3 4
+    python benchmarks/effort_benchmark.py --unseen --efforts 0 1 --tag _unseen   # scikit-image's photographs
 
 Results are cached per (checkpoint, image, effort) in ``--work_dir`` as they are measured, so an
 interrupted run resumes and later runs add efforts or images. Writes ``effort<TAG>.json``,
@@ -34,6 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="codec checkpoints, one rate point each (default: the shipped ones)")  # fmt: skip
     p.add_argument("--kodak", default=str(ROOT.parent / "shared" / "data" / "kodak"), help="folder of the Kodak images")
     p.add_argument("--images", type=int, default=4, help="Kodak images, spread evenly over the set in name order")
+    p.add_argument("--unseen", action=argparse.BooleanOptionalAction, default=False,
+                   help="code scikit-image's photographs (never seen in training, not Kodak) instead of Kodak images")
     p.add_argument("--efforts", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="effort levels to measure (0 is the anchor)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads")
     p.add_argument("--work_dir", default=str(ROOT / "benchmarks" / "runs" / "effort"), help="the cache of measurements")
@@ -131,7 +134,8 @@ def summarize(args: argparse.Namespace, images: list[Path], cache: dict) -> dict
                        "encode_ratio": times[effort]["encode_seconds"] / times[0]["encode_seconds"],
                        "decode_ratio": times[effort]["decode_seconds"] / times[0]["decode_seconds"],
                        "against": {name: bd(c, curve) for name, c in reference.items()}, "curve": curve})  # fmt: skip
-    return {"images": [i.name for i in images], "checkpoints": [Path(c).name for c in args.checkpoints], "threads": args.threads,
+    return {"set": "unseen photographs" if args.unseen else "Kodak images", "images": [i.name for i in images],
+            "checkpoints": [Path(c).name for c in args.checkpoints], "threads": args.threads,
             "levels": levels, "classical": reference, "date": time.strftime("%Y-%m-%d")}  # fmt: skip
 
 
@@ -139,7 +143,7 @@ def write_outputs(summary: dict, out: Path, tag: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"effort{tag}.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# Encoder effort ({summary['date']})", "",
-             f"{len(summary['checkpoints'])} checkpoints, Kodak images {', '.join(summary['images'])}, {summary['threads']} threads, real files.", "",
+             f"{len(summary['checkpoints'])} checkpoints, {summary.get('set', 'Kodak images')} {', '.join(summary['images'])}, {summary['threads']} threads, real files.", "",
              "| effort | iterations | BD-rate PSNR vs 0 | BD-rate MS-SSIM vs 0 | encode s / image | x effort 0 | decode x effort 0 | vs JPEG (PSNR) | vs WebP (PSNR) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for lv in summary["levels"]:
@@ -173,7 +177,12 @@ def write_outputs(summary: dict, out: Path, tag: str = "") -> None:
 
 def main(argv: list[str]) -> dict:
     args = parse_args(argv)
-    images = pick_images(args.kodak, args.images)
+    if args.unseen:
+        import lic_common
+
+        images = lic_common.write_sample_photos(Path(args.work_dir) / "unseen")
+    else:
+        images = pick_images(args.kodak, args.images)
     cache_path = Path(args.work_dir) / "cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     cache_path.parent.mkdir(parents=True, exist_ok=True)

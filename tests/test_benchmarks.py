@@ -487,7 +487,7 @@ def test_large_image_benchmark_measures_sizes_batches_and_startup(tmp_path):
         write_image(kodak / f"kodim0{i + 1}.png", (48, 64), seed=i)
     ckpt = save_ckpt(perturbed(tiny_model()).eval(), tmp_path / "tiny.pth")
     result = lib.main(["--checkpoint", str(ckpt), "--kodak", str(kodak), "--source", "kodim01.png", "--megapixels", "0.01", "0.02",
-                       "--batch_images", "2", "--work_dir", str(tmp_path / "work"), "--output_dir", str(tmp_path / "res")])  # fmt: skip
+                       "--batch_images", "2", "--repeats", "1", "--work_dir", str(tmp_path / "work"), "--output_dir", str(tmp_path / "res")])  # fmt: skip
     sizes = result["sizes"]
     assert [round(r["pixels"], -2) for r in sizes] == [round(r["pixels"], -2) for r in sorted(sizes, key=lambda r: r["pixels"])]
     assert all(r[k]["peak_gib"] > 0.1 and r[k]["codec_s"] > 0 for r in sizes for k in ("compress", "decompress"))
@@ -495,3 +495,35 @@ def test_large_image_benchmark_measures_sizes_batches_and_startup(tmp_path):
     assert result["batch"]["identical_files"] is True and result["batch"]["images"] == 2
     assert set(result["startup"]["help_s"]) == set(lib.SCRIPTS) and result["startup"]["fixed_s"] > 0
     assert (tmp_path / "res" / "large_images.png").is_file() and "--help" in (tmp_path / "res" / "large_images.md").read_text()
+
+
+@pytest.mark.slow  # two tiny checkpoints, efforts 0 and 1, Kodak-like and scikit-image's photographs: -m slow
+def test_effort_benchmark_measures_every_level_caches_and_reports(tmp_path, monkeypatch):
+    """BD-rate of effort 1 against 0 from real files at two rate points, encode and decode times,
+    JPEG and WebP on the same images; a rerun reads the cache instead of coding again."""
+    import effort_benchmark as eb
+    from test_exact import TINY, trained_like
+
+    kodak, ckpts = tmp_path / "kodak", []
+    for i in range(2):
+        write_image(kodak / f"kodim0{i + 1}.png", (64, 96), seed=i)
+    for lam in (0.002, 0.02):
+        model = trained_like(bk.create_diffusion_hyperprior_model(**TINY))
+        model.calibrate([torch.rand(3, 64, 64)])
+        model.update(force=True)
+        ckpts.append(tmp_path / f"codec-{lam}.pth")
+        lic_common.save_checkpoint(bk.slim_checkpoint(model.checkpoint_payload(), half=False) | {"lambda_rate": lam}, ckpts[-1])
+    argv = ["--checkpoints", *map(str, ckpts), "--kodak", str(kodak), "--images", "1", "--efforts", "0", "1", "--threads", "1",
+            "--work_dir", str(tmp_path / "work"), "--output_dir", str(tmp_path / "res")]  # fmt: skip
+    summary = eb.main(argv)
+    assert summary["images"] == ["kodim01.png"] and [lv["effort"] for lv in summary["levels"]] == [0, 1]
+    zero, one = summary["levels"]
+    assert zero["against_effort_0"]["bd_rate_psnr"] == pytest.approx(0, abs=1e-9) and one["encode_ratio"] > 1
+    assert set(one["against"]) == {"JPEG", "WebP"} and one["decode_ratio"] > 0
+    assert "| 1 | 4 |" in (tmp_path / "res" / "effort.md").read_text() and (tmp_path / "res" / "effort.png").is_file()
+    monkeypatch.setattr(bk, "encode_image", lambda *a, **k: pytest.fail("a cached measurement was coded again"))
+    assert eb.main(argv)["levels"][1]["curve"] == one["curve"]
+    monkeypatch.undo()
+    unseen = eb.main([*argv[: argv.index("--kodak")], "--unseen", "--efforts", "0", *argv[argv.index("--threads") :], "--tag", "_u"])
+    assert summary["set"] == "Kodak images" and unseen["set"] == "unseen photographs" and len(unseen["images"]) == 5
+    assert "unseen photographs" in (tmp_path / "res" / "effort_u.md").read_text()

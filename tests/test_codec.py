@@ -685,7 +685,7 @@ def test_tiled_analysis_and_synthesis_are_the_whole_ones():
     transforms up to float rounding, and the same file."""
     model = tiny_model().eval()
     model.update(force=True)
-    assert (model.halo_a, model.halo_s) == (32, 4)  # four 5x5 stride-2 layers: 30 pixels, on the 16-pixel grid
+    assert (model.halo_a, model.halo_s) == (32, 2)  # four 5x5 stride-2 layers: 30 pixels (on the 16-pixel grid); 2 latent positions
     x, latent = torch.rand(1, 3, 150, 230), torch.randn(1, 16, 10, 15)
     with torch.no_grad():
         model.tile = 0
@@ -699,6 +699,8 @@ def test_tiled_analysis_and_synthesis_are_the_whole_ones():
             hook.remove()
         assert len(calls) == 24 and max(calls) <= (64 + 2 * 32, 64 + 2 * 32)  # tiles, each with its halo, never the whole
         assert bk.encode_image(model, x[0]) == whole
+        model.halo_s = 1  # the halo is exact: one latent position less and the tiles show seams
+        assert (model.synthesize(latent, 160, 240) - picture).abs().max() > 1e-2
     assert bk.receptive_halo(model.unet) is None  # GroupNorm sees everything: never tiled
 
 
