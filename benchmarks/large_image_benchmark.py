@@ -186,6 +186,7 @@ def markdown(result: dict) -> str:
                          f"{d['per_pixel_vs_smallest']:.2f}x | {c.get('page_faults', math.nan) / 1e6:.2f} / {d.get('page_faults', math.nan) / 1e6:.2f} |")  # fmt: skip
         same = [r["whole_is_the_same_file"] for r in result["sizes"] if "whole_is_the_same_file" in r]
         if same:
+            lines.append("")
             lines.append(f"The smallest picture coded whole (`--tile 0`) is {'the same file' if same[0] else 'ANOTHER file'}.")
         lines.append("")
     b = result.get("batch")
