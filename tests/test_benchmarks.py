@@ -412,6 +412,7 @@ def test_gpu_check_script_runs_every_stage_in_its_dry_mode(tmp_path):
     assert model.exact is not None
 
 
+@pytest.mark.slow  # every entropy model trained and coded (about 30 s): -m slow
 def test_prior_comparison_trains_every_entropy_model_on_the_same_latents_and_measures_real_files(image_dir, tmp_path):
     """Two tiny rate points; every prior trains on the same cached latents, codes real files
     (the first image of each set decoded from its bytes), and the summary holds the BD-rates."""
@@ -450,6 +451,7 @@ def test_prior_comparison_trains_every_entropy_model_on_the_same_latents_and_mea
     assert again["kodak"]["per_point"] == summary["kodak"]["per_point"]
 
 
+@pytest.mark.slow  # a training run, real files and a timed layout (about 20 s): -m slow
 def test_pretrained_exact_benchmark_trains_codes_and_times_a_real_layout(image_dir, tmp_path):
     """Both stages at tiny sizes: a BK-SDM-shaped codec trained by the training script codes an
     image with the exact and the float coder (bytes compared), and one step of a U-Net built from a

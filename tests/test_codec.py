@@ -1,6 +1,5 @@
 """The diffusion-hyperprior codec: model contract, pretrained loading, bitstream, command line."""
 
-import math
 import struct
 import subprocess
 import sys
@@ -694,7 +693,7 @@ def test_tiled_analysis_and_synthesis_are_the_whole_ones():
         calls = []
         hooks = [t.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape[-2:]))) for t in (model.g_a, model.g_s)]
         assert (model.analyze(x) - y).abs().max() < 1e-5
-        assert 10 * math.log10(1 / (model.synthesize(latent, 160, 240) - picture).pow(2).mean().item()) >= 60
+        assert (model.synthesize(latent, 160, 240) - picture).abs().max() < 1e-5
         for hook in hooks:
             hook.remove()
         assert len(calls) == 24 and max(calls) <= (64 + 2 * 32, 64 + 2 * 32)  # tiles, each with its halo, never the whole
