@@ -322,6 +322,7 @@ def test_student_benchmark_trains_teacher_and_student_and_reports_every_stage(im
     assert op["published_quality8"]["bpp"] > 1.5  # CompressAI's quality 8
 
 
+@pytest.mark.slow  # probes: latents measured, a decoder fine-tuned, variants trained (about 12 s): -m slow
 def test_codec_probes_measure_latents_finetune_the_decoder_alone_and_train_variants(image_dir, tmp_path):
     """benchmarks/codec_probes.py: the latents' errors are what their quantizers make; the decoder
     fine-tuning changes g_s and nothing else; a training variant runs (in its own process: it
