@@ -143,7 +143,7 @@ def write_outputs(summary: dict, out: Path, tag: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"effort{tag}.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# Encoder effort ({summary['date']})", "",
-             f"{len(summary['checkpoints'])} checkpoints, {summary.get('set', 'Kodak images')} {', '.join(summary['images'])}, {summary['threads']} threads, real files.", "",
+             f"{len(summary['checkpoints'])} checkpoints, {summary['set']} {', '.join(summary['images'])}, {summary['threads']} threads, real files.", "",
              "| effort | iterations | BD-rate PSNR vs 0 | BD-rate MS-SSIM vs 0 | encode s / image | x effort 0 | decode x effort 0 | vs JPEG (PSNR) | vs WebP (PSNR) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for lv in summary["levels"]:

@@ -101,11 +101,11 @@ def measure_sizes(args) -> list[dict]:
     from PIL import Image
 
     sizes = sorted(args.megapixels)
+    files = {mp: (src, src.with_suffix(".bksd"), src.with_name(src.stem + "-decoded.png")) for mp in sizes for src in [picture(args, mp)]}
     runs = {}  # (megapixels, kind) -> every call's measurement
     for repeat in range(args.repeats):  # the sizes in turn, repeat after repeat: a slow spell of the machine hits every size
         for mp in sizes:
-            src = picture(args, mp)
-            data, back = src.with_suffix(".bksd"), src.with_name(src.stem + "-decoded.png")
+            src, data, back = files[mp]
             for kind, argv in (("compress", ["compress", str(src), str(data), "--effort", "0"]), ("decompress", ["decompress", str(data), str(back)])):
                 r = call(["bk_sdm_compression.py", *argv, "--checkpoint", args.checkpoint], args.threads)
                 runs.setdefault((mp, kind), []).append(r | {"codec_s": codec_seconds(r["stdout"])})
@@ -113,8 +113,7 @@ def measure_sizes(args) -> list[dict]:
                       f"peak {r['peak_gib']:.2f} GiB, {r['page_faults'] / 1e6:.2f} M page faults", flush=True)  # fmt: skip
     rows = []
     for mp in sizes:
-        src = picture(args, mp)
-        data, back = src.with_suffix(".bksd"), src.with_name(src.stem + "-decoded.png")
+        src, data, back = files[mp]
         row = {"megapixels": mp}
         for kind in ("compress", "decompress"):
             fastest = min(runs[mp, kind], key=lambda r: r["codec_s"])
