@@ -186,7 +186,8 @@ CODEC_FORMAT = 3  # 1: the Gaussian DDIM prior; 2: the float entropy model (conv
 ENTROPY_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")  # derived by update()
 HYPER_FACTOR = 4  # h_a downsamples the latent twice by 2
 SCRATCH_TIMESTEPS = 1000  # the from-scratch U-Net's timestep range, as a diffusers schedule's
-SEARCH_LR = 0.02  # Adam's step size in the encoder's latent search (``DiffusionHyperprior.search``)
+SEARCH_LR = 0.03  # Adam's step size in the encoder's latent search (``DiffusionHyperprior.search``), first iteration
+SEARCH_LR_STEPS = 4  # ... constant over this many iterations; a longer search falls geometrically to SEARCH_LR * (SEARCH_LR_STEPS / iterations)**2
 SEARCH_TAU = (0.5, 0.05)  # its annealing temperature, first and last iteration
 
 
@@ -356,14 +357,18 @@ def run_tiled(fn: Callable, x: torch.Tensor, tile: int, halo: int, up: int = 1, 
 
 
 def soft_round(r: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Stochastic Gumbel annealing's rounding (Yang, Bamler & Mandt 2020, "Improving inference for
-    neural image compression"): each element of ``r`` goes to floor(r) or floor(r) + 1 with a
-    Gumbel-softmax draw of temperature ``tau`` over logits -atanh(distance) / tau, so a value
-    near an integer stays there; as ``tau`` falls to 0 the draw becomes the hard rounding the coder
-    applies. Differentiable in ``r`` (through the distances), (any shape) -> the same shape."""
+    """The annealed rounding of stochastic Gumbel annealing (Yang, Bamler & Mandt 2020, "Improving
+    inference for neural image compression"): each element of ``r`` goes to floor(r) or floor(r) + 1
+    with probabilities softmax(-atanh(distance) / tau), so a value near an integer stays there, and
+    as ``tau`` falls to 0 the rounding becomes the hard one the coder applies. With a ``generator``
+    it is SGA's draw (a Gumbel-softmax sample); without one it is the expected value of the
+    rounding, floor(r) + P(floor(r) + 1): deterministic, and the one that gains faster in the
+    encoder's search (docs/2026-12-07-effort.md). Differentiable in ``r`` (through the distances), (any shape) -> the same shape."""
     low = r.detach().floor()
     d = (r - low).clamp(1e-5, 1 - 1e-5)
     logits = torch.stack([-torch.atanh(d), -torch.atanh(1 - d)], dim=-1) / tau
+    if generator is None:
+        return low + logits.softmax(dim=-1)[..., 1]
     u = torch.rand(logits.shape, generator=generator, device=r.device).clamp_(1e-10, 1 - 1e-7)
     return low + ((logits - torch.log(-torch.log(u))) / tau).softmax(dim=-1)[..., 1]
 
@@ -1865,6 +1870,10 @@ class DiffusionHyperprior(CompressionModel):
         sigma0, mu0 = self.h_s(z_hat).float().chunk(2, dim=1)
         return mu0, self.gaussian_conditional.lower_bound_scale(sigma0)
 
+    def _bits(self, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """-log2 of the likelihood of integer residuals ``values`` under zero-mean Gaussians of ``scales``."""
+        return -torch.log2(self._y_likelihoods(values, scales, torch.zeros_like(values)))
+
     def _y_likelihoods(self, values: torch.Tensor, scales: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
         gc = self.gaussian_conditional
         likelihood = gc._likelihood(values, scales, means)
@@ -2045,25 +2054,30 @@ class DiffusionHyperprior(CompressionModel):
 
     @torch.enable_grad()
     def search(self, x: torch.Tensor, iterations: int, quality: float | None = None, lr: float = SEARCH_LR,
-               progress: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Encoder-side search (Yang, Bamler & Mandt 2020): from the analysis transforms' y and z,
-        ``iterations`` Adam steps on D + lambda * bpp (``rate_weight``) of this very codec, under
-        stochastic Gumbel annealing (``soft_round``; its temperature falls geometrically over
-        ``SEARCH_TAU``), so that the hard rounding the coder applies is what was optimised. The rate
-        is the chain's own: each group's soft-rounded residual under the Gaussian the U-Net predicts
-        from the groups before it, and z's under the bottleneck. The decoder does not change.
-        (1, 3, H, W) picture, float in [0, 1] or uint8 -> (y, z) for ``compress(latents=...)``."""
+               progress: bool = False, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Encoder-side search (after Yang, Bamler & Mandt 2020): from the analysis transforms' y and
+        z, ``iterations`` Adam steps (step size ``lr``, falling geometrically to ``lr *
+        (SEARCH_LR_STEPS / iterations)**2``) on D + lambda * bpp (``rate_weight``) of this very codec,
+        under the annealed soft rounding of ``soft_round`` (its expectation, deterministic; the
+        temperature falls geometrically over ``SEARCH_TAU``), so that the hard rounding the coder
+        applies is what was optimised. The rate
+        is the chain's own: each group's residual under the Gaussian the U-Net predicts from the
+        groups before it (the expected bits over the two roundings, so that a residual halfway
+        between integers is not coded for less than either), and z's soft-rounded value under the
+        bottleneck. The decoder does not change.
+        (1, 3, H, W) picture, float in [0, 1] or uint8 -> (y, z) for ``compress(latents=...)``.
+        ``y``: the analysis transform's latent of ``x``, where it is computed already."""
         height, width = x.shape[-2:]
         x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
         lam, pixels = self.rate_weight(quality), height * width
         with torch.no_grad():
-            y = self.analyze(x)
+            y = self.analyze(x) if y is None else y.detach().clone()
             z = self.h_a(y)
         y, z = y.requires_grad_(), z.float().requires_grad_()
         optimizer = torch.optim.Adam([y, z], lr=lr)
         step = self._step_for(quality, 1, x.device)
         step = None if step is None else step.detach()
-        eb, generator = self.entropy_bottleneck, torch.Generator(x.device).manual_seed(seed)
+        eb = self.entropy_bottleneck
         medians = eb._get_medians().detach().view(1, -1, 1, 1)
         trainable = [p for p in self.parameters() if p.requires_grad]
         for p in trainable:  # gradients for y and z only
@@ -2072,8 +2086,10 @@ class DiffusionHyperprior(CompressionModel):
             from tqdm import tqdm
 
             for t in tqdm(range(iterations), desc="search", unit="step", disable=not progress, leave=False, dynamic_ncols=True):
-                tau = SEARCH_TAU[0] * (SEARCH_TAU[1] / SEARCH_TAU[0]) ** (t / max(1, iterations - 1))
-                z_soft = soft_round(z - medians, tau, generator) + medians
+                progress_t = t / max(1, iterations - 1)
+                tau = SEARCH_TAU[0] * (SEARCH_TAU[1] / SEARCH_TAU[0]) ** progress_t
+                optimizer.param_groups[0]["lr"] = lr * min(1.0, SEARCH_LR_STEPS / iterations) ** (2 * progress_t)
+                z_soft = soft_round(z - medians, tau) + medians
                 likelihood = eb._likelihood(z_soft.transpose(0, 1).reshape(z.shape[1], 1, -1))[0]
                 bits = -torch.log2(eb.likelihood_lower_bound(likelihood) if eb.use_likelihood_bound else likelihood).sum()
                 mu0, s0 = self.hyper_decode(z_soft)
@@ -2081,9 +2097,11 @@ class DiffusionHyperprior(CompressionModel):
                 def soft(k, selected, means, scales):
                     nonlocal bits
                     s = 1 if step is None else step.expand_as(y)[:, selected]
-                    r = soft_round((y[:, selected] - means) / s, tau, generator)
-                    bits = bits - torch.log2(self._y_likelihoods(r, scales / s, torch.zeros_like(r))).sum()
-                    return means + s * r
+                    r = (y[:, selected] - means) / s
+                    low = r.detach().floor()
+                    p = soft_round(r, tau) - low  # the probability of rounding up
+                    bits = bits + ((1 - p) * self._bits(low, scales / s) + p * self._bits(low + 1, scales / s)).sum()
+                    return means + s * (low + p)
 
                 code = soft if self.config.mode == "residual" else _predicted
                 y_hat = self._run_chain(mu0, s0, code)[0]
@@ -2638,9 +2656,10 @@ def encode_image(
     grey = x.shape[0] == 1
     batch = x.expand(3, height, width).unsqueeze(0).to(next(model.parameters()).device)
     model_id = model_id or model.fingerprint()
-    candidates = [None]
+    y = model.analyze(batch)
+    candidates = [(y, None)]
     if effort:
-        candidates.append(model.search(batch, EFFORT_ITERATIONS[effort], quality, progress=progress))
+        candidates.append(model.search(batch, EFFORT_ITERATIONS[effort], quality, progress=progress, y=y))
     coded = []  # (bytes, decoded picture or None) of each candidate latent
     for latents in candidates:
         out = model.compress(batch, quality, latents)
