@@ -65,8 +65,9 @@ and the integer network in blocks of rows, so memory stays bounded at any size.
 
 The encoder may spend time on a better latent than the analysis transforms' one (``search``,
 ``compress --effort``): from it, Adam steps on y and z minimise this codec's own D + lambda * bpp
-under stochastic Gumbel annealing (Yang, Bamler & Mandt 2020, "Improving inference for neural image
-compression"); the result is coded like any latent, so decoders and files do not change.
+under the annealed rounding of stochastic Gumbel annealing (Yang, Bamler & Mandt 2020, "Improving
+inference for neural image compression"), taken in expectation; the result is coded like any
+latent, so decoders and files do not change.
 
 Command line (a checkpoint written by ``train_bk_sdm_compression.py``, or a shipped one):
     python bk_sdm_compression.py compress IMAGE OUT.bksd --checkpoint CKPT
@@ -107,7 +108,7 @@ from lic_common import ARCHITECTURE, EFFORT_ITERATIONS, MODES, REVEALS  # shared
 
 TILE = 512  # pixels: compress / decompress run analysis and synthesis in tiles of this side (0: whole)
 DEFAULT_MAX_PIXELS = 2**26  # pixels: the largest image a file may hold (decoders refuse larger headers)
-DEFAULT_EFFORT = 1  # the highest whose encode time stays within about 10x effort 0's (docs/2026-12-07-effort.md)
+DEFAULT_EFFORT = 1  # the highest whose encode time stays within about 10x effort 0's (docs/2026-12-08-effort.md)
 SEARCH_MAX_PIXELS = 2**20  # the search holds the synthesis transform's activations for backpropagation (7.2 GB at 4.2 MP)
 SUFFIXES = {"compress": ".bksd", "decompress": ".png"}  # what --output_dir writes for each input
 
@@ -356,21 +357,17 @@ def run_tiled(fn: Callable, x: torch.Tensor, tile: int, halo: int, up: int = 1, 
     return out
 
 
-def soft_round(r: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def soft_round(r: torch.Tensor, tau: float) -> torch.Tensor:
     """The annealed rounding of stochastic Gumbel annealing (Yang, Bamler & Mandt 2020, "Improving
-    inference for neural image compression"): each element of ``r`` goes to floor(r) or floor(r) + 1
-    with probabilities softmax(-atanh(distance) / tau), so a value near an integer stays there, and
-    as ``tau`` falls to 0 the rounding becomes the hard one the coder applies. With a ``generator``
-    it is SGA's draw (a Gumbel-softmax sample); without one it is the expected value of the
-    rounding, floor(r) + P(floor(r) + 1): deterministic, and the one that gains faster in the
-    encoder's search (docs/2026-12-07-effort.md). Differentiable in ``r`` (through the distances), (any shape) -> the same shape."""
+    inference for neural image compression"), taken in expectation: each element of ``r`` rounds
+    to floor(r) + 1 with probability softmax(-atanh(distance) / tau) over the two neighbours, so a
+    value near an integer stays there, and as ``tau`` falls to 0 the rounding becomes the hard one
+    the coder applies. -> floor(r) + that probability: deterministic (SGA draws the rounding instead;
+    with few iterations the expectation gains far more, docs/2026-12-08-effort.md), differentiable in
+    ``r`` through the distances, (any shape) -> the same shape."""
     low = r.detach().floor()
     d = (r - low).clamp(1e-5, 1 - 1e-5)
-    logits = torch.stack([-torch.atanh(d), -torch.atanh(1 - d)], dim=-1) / tau
-    if generator is None:
-        return low + logits.softmax(dim=-1)[..., 1]
-    u = torch.rand(logits.shape, generator=generator, device=r.device).clamp_(1e-10, 1 - 1e-7)
-    return low + ((logits - torch.log(-torch.log(u))) / tau).softmax(dim=-1)[..., 1]
+    return low + (torch.stack([-torch.atanh(d), -torch.atanh(1 - d)], dim=-1) / tau).softmax(dim=-1)[..., 1]
 
 
 class VAEAnalysis(nn.Module):
@@ -2058,8 +2055,8 @@ class DiffusionHyperprior(CompressionModel):
         """Encoder-side search (after Yang, Bamler & Mandt 2020): from the analysis transforms' y and
         z, ``iterations`` Adam steps (step size ``lr``, falling geometrically to ``lr *
         (SEARCH_LR_STEPS / iterations)**2``) on D + lambda * bpp (``rate_weight``) of this very codec,
-        under the annealed soft rounding of ``soft_round`` (its expectation, deterministic; the
-        temperature falls geometrically over ``SEARCH_TAU``), so that the hard rounding the coder
+        under the annealed soft rounding of ``soft_round`` (deterministic; its temperature falls
+        geometrically over ``SEARCH_TAU``), so that the hard rounding the coder
         applies is what was optimised. The rate
         is the chain's own: each group's residual under the Gaussian the U-Net predicts from the
         groups before it (the expected bits over the two roundings, so that a residual halfway
