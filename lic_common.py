@@ -55,7 +55,7 @@ def quiet_compressai():
 ARCHITECTURE = "diffusion-hyperprior"  # what its checkpoints say they hold
 MODES = ("residual", "z_only")
 REVEALS = ("checkerboard", "channels")
-EFFORT_ITERATIONS = (0, 4, 8, 16, 32, 64, 128)  # the latent search's iterations at each --effort (0: none)
+EFFORT_ITERATIONS = (0, 4, 8, 16, 32)  # the latent search's iterations at each --effort (0: none)
 
 
 def lazy_import(name: str) -> types.ModuleType:
