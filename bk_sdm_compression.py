@@ -2054,15 +2054,14 @@ class DiffusionHyperprior(CompressionModel):
                progress: bool = False, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Encoder-side search (after Yang, Bamler & Mandt 2020): from the analysis transforms' y and
         z, ``iterations`` Adam steps (step size ``lr``, falling geometrically to ``lr *
-        (SEARCH_LR_STEPS / iterations)**2``) on D + lambda * bpp (``rate_weight``) of this very codec,
-        under the annealed soft rounding of ``soft_round`` (deterministic; its temperature falls
-        geometrically over ``SEARCH_TAU``), so that the hard rounding the coder
-        applies is what was optimised. The rate
-        is the chain's own: each group's residual under the Gaussian the U-Net predicts from the
-        groups before it (the expected bits over the two roundings, so that a residual halfway
-        between integers is not coded for less than either), and z's soft-rounded value under the
-        bottleneck. The decoder does not change.
-        (1, 3, H, W) picture, float in [0, 1] or uint8 -> (y, z) for ``compress(latents=...)``.
+        (SEARCH_LR_STEPS / iterations)**2``) on D + lambda * bpp (``rate_weight``) of this very
+        codec, under the annealed rounding of ``soft_round`` (deterministic; its temperature falls
+        geometrically over ``SEARCH_TAU``), so that the hard rounding the coder applies is what was
+        optimised. The rate is the chain's own: each group's residual under the Gaussian the U-Net
+        predicts from the groups before it, charged the expected bits over its two roundings (so
+        that a residual halfway between integers costs no less than either), and z's soft-rounded
+        value under the bottleneck. The decoder does not change.
+        (1, 3, H, W) picture, float in [0, 1] or uint8 -> (y, z) for ``compress(latents=...)``;
         ``y``: the analysis transform's latent of ``x``, where it is computed already."""
         height, width = x.shape[-2:]
         x = x.float().div(255) if x.dtype == torch.uint8 else x.float()

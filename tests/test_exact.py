@@ -226,6 +226,19 @@ def real_cost(model, x, data):
     return (x_hat - x).square().mean().item() + SEARCH_LAMBDA * 8 * len(data) / (x.shape[1] * x.shape[2])
 
 
+def test_the_search_rounds_in_expectation_and_anneals_to_the_coders_rounding():
+    r = torch.tensor([-1.3, 0.2, 0.5, 0.8, 2.0])
+    warm, cold = bk.soft_round(r, 0.5), bk.soft_round(r, 1e-3)
+    assert torch.allclose(cold, torch.tensor([-1.0, 0.0, 0.5, 1.0, 2.0]), atol=1e-4)  # the hard rounding; a tie is halfway
+    assert torch.allclose(warm[2], torch.tensor(0.5)) and bool((warm.diff() > 0).all())  # monotone
+    off = [0, 1, 3]  # neither integers nor ties: drawn toward the nearest integer, not onto it
+    assert bool(((warm - r.round()).abs()[off] < (r - r.round()).abs()[off]).all()) and bool((warm[off] != r.round()[off]).all())
+    assert torch.equal(bk.soft_round(r, 0.5), warm)  # deterministic
+    x = r.clone().requires_grad_()
+    bk.soft_round(x, 0.5).sum().backward()
+    assert bool((x.grad[:4] > 0).all()) and x.grad[2] == x.grad.max()  # steepest at the tie
+
+
 def test_the_search_lowers_the_real_cost_and_effort_keeps_the_better_file(searched):
     path, model, x = searched
     assert model.lambda_rate == SEARCH_LAMBDA and model.rate_weight() == SEARCH_LAMBDA
