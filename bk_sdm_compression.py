@@ -2082,9 +2082,9 @@ class DiffusionHyperprior(CompressionModel):
             from tqdm import tqdm
 
             for t in tqdm(range(iterations), desc="search", unit="step", disable=not progress, leave=False, dynamic_ncols=True):
-                progress_t = t / max(1, iterations - 1)
-                tau = SEARCH_TAU[0] * (SEARCH_TAU[1] / SEARCH_TAU[0]) ** progress_t
-                optimizer.param_groups[0]["lr"] = lr * min(1.0, SEARCH_LR_STEPS / iterations) ** (2 * progress_t)
+                done = t / max(1, iterations - 1)  # the fraction of the search behind
+                tau = SEARCH_TAU[0] * (SEARCH_TAU[1] / SEARCH_TAU[0]) ** done
+                optimizer.param_groups[0]["lr"] = lr * min(1.0, SEARCH_LR_STEPS / iterations) ** (2 * done)
                 z_soft = soft_round(z - medians, tau) + medians
                 likelihood = eb._likelihood(z_soft.transpose(0, 1).reshape(z.shape[1], 1, -1))[0]
                 bits = -torch.log2(eb.likelihood_lower_bound(likelihood) if eb.use_likelihood_bound else likelihood).sum()
@@ -2093,10 +2093,10 @@ class DiffusionHyperprior(CompressionModel):
                 def soft(k, selected, means, scales):
                     nonlocal bits
                     s = 1 if step is None else step.expand_as(y)[:, selected]
-                    r = (y[:, selected] - means) / s
+                    r, scaled = (y[:, selected] - means) / s, scales / s
                     low = r.detach().floor()
                     p = soft_round(r, tau) - low  # the probability of rounding up
-                    bits = bits + ((1 - p) * self._bits(low, scales / s) + p * self._bits(low + 1, scales / s)).sum()
+                    bits = bits + ((1 - p) * self._bits(low, scaled) + p * self._bits(low + 1, scaled)).sum()
                     return means + s * (low + p)
 
                 code = soft if self.config.mode == "residual" else _predicted
